@@ -1,0 +1,51 @@
+"""The ``samflare`` console script. Thin: every sub-command module only parses arguments and calls the
+library; heavy imports (torch, nnunetv2) happen inside the handlers so that ``samflare -h`` stays fast."""
+
+import argparse
+import importlib
+import sys
+
+# Each module defines ``register(subparsers)``, which adds one sub-command whose handler is stored as
+# ``func`` (``parser.set_defaults(func=...)``) and returns an exit code.
+_COMMAND_MODULES = (
+    "plan",
+    "info",
+    "convert",
+    "predict",
+    "locate",
+    "uncrop",
+    "postprocess",
+    "evaluate",
+    "profile",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="samflare",
+        description="FLARE23 two-phase cascade (PConv locator + SAM/MSA segmenter) for nnU-Net v2.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"nnunet_samflare.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"nnunet_samflare.cli.{name}":
+                continue  # sub-command not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # Expected failures (bad input, missing model) get one line, not a traceback.
+        print(f"samflare {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""FLARE23 evaluation (DSC/NSD as the official evaluator computes them), efficiency profiling and plots."""

@@ -1,0 +1,137 @@
+"""FLARE23 post-processing of the segmenter's label map (METHOD.md §5.6, §8 "tumor filter semantics").
+
+1. :func:`keep_largest_component_per_organ` — for every organ label 1..13 on its own, keep only its largest
+   26-connected component (MONAI's default full connectivity). Tumor is not size-filtered.
+2. :func:`remove_isolated_tumors` — dilate the whole tumor mask once with a 3x3x3 all-ones structure, label the
+   *dilated* mask with 6-connectivity, and delete the tumor voxels of every dilated component whose underlying
+   labels are exactly {0, tumor}, i.e. tumors with no organ voxel in their 26-neighbourhood. Tumors whose
+   dilations merge are judged together; kept tumors are not dilated.
+
+:func:`postprocess_flare` runs both, in that order, so organ fragments removed by step 1 no longer count as contact.
+
+All functions have the signature nnU-Net's ``apply_postprocessing`` expects (``fn(segmentation, **kwargs)``),
+never modify their input, return an array of the input's dtype (nnU-Net passes float32 label maps), and are plain
+module-level functions, so a ``postprocessing.pkl`` written by :func:`write_nnunet_postprocessing_pkl` pickles
+them by reference and stock ``nnUNetv2_apply_postprocessing`` applies them in its worker processes. The
+structures are symmetric, so the array axis order ((z, y, x) from nnU-Net, or (x, y, z)) does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+from nnunet_samflare.inference.io import atomic_output
+from nnunet_samflare.labels import ORGAN_LABELS, TUMOR_LABEL
+
+
+def _integer_labels(segmentation: np.ndarray) -> np.ndarray:
+    """An unsigned integer view or copy of a label map (cc3d labels integer images; nnU-Net hands us float32)."""
+    if segmentation.dtype.kind == "b":
+        return segmentation.view(np.uint8)
+    if segmentation.dtype.kind == "u":
+        return segmentation
+    if segmentation.dtype.kind == "i":
+        if segmentation.size and segmentation.min() < 0:
+            raise ValueError("label maps must not contain negative labels")
+        return segmentation
+    # Casting back must give the same values: that rules out fractions, negatives, NaN and labels > 65535.
+    with np.errstate(invalid="ignore"):
+        labels = segmentation.astype(np.uint16)
+    if not np.array_equal(labels, segmentation):
+        raise ValueError("label map must hold whole numbers from 0 to 65535")
+    return labels
+
+
+def keep_largest_component_per_organ(
+    segmentation: np.ndarray, organ_labels: Sequence[int] = ORGAN_LABELS, **kwargs
+) -> np.ndarray:
+    """Copy of ``segmentation`` in which each label of ``organ_labels`` keeps only its largest 26-connected
+    component; the voxels of its other components become background (0). Other labels are left as they are.
+    Ties are broken by raster order (the component met first wins), which keeps the result deterministic."""
+    labels = _integer_labels(segmentation)
+    result = segmentation.copy()
+    organs = sorted({int(o) for o in organ_labels if int(o) > 0})
+    if not organs:
+        return result
+    # Each organ's components lie inside that organ's bounding box, so labelling only the box is exact and
+    # much cheaper than labelling the whole scan (find_objects gets all boxes in one pass).
+    boxes = ndimage.find_objects(labels, max_label=organs[-1])
+    for organ in organs:
+        box = boxes[organ - 1]
+        if box is None:
+            continue
+        mask = labels[box] == organ
+        components, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        if n <= 1:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=n + 1)
+        sizes[0] = 0
+        largest = int(np.argmax(sizes))  # first maximum: the component met first in raster order
+        result[box][mask & (components != largest)] = 0
+    return result
+
+
+def remove_isolated_tumors(segmentation: np.ndarray, tumor_label: int = TUMOR_LABEL, **kwargs) -> np.ndarray:
+    """Copy of ``segmentation`` without the tumors that touch no other label (METHOD.md §5.6 step 20).
+
+    The tumor mask is dilated once with a 3x3x3 all-ones structure and the dilated mask is split into
+    6-connected components. A component whose underlying labels are exactly {0, ``tumor_label``} — no organ
+    (nor any other label) within one voxel, diagonals included — has its tumor voxels set to 0; every other
+    component is left untouched (as in the reference, that includes a component with no background under it at
+    all). Run it after :func:`keep_largest_component_per_organ` so that removed organ fragments do not count as
+    contact."""
+    labels = _integer_labels(segmentation)
+    result = segmentation.copy()
+    if tumor_label <= 0:
+        raise ValueError(f"tumor_label must be a foreground label, got {tumor_label}")
+    box = ndimage.find_objects(labels, max_label=tumor_label)[tumor_label - 1]
+    if box is None:
+        return result
+    # Everything the proximity test can see lies in the tumor box grown by the one voxel of the dilation.
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, size)) for s, size in zip(box, labels.shape))
+    labels = labels[box]
+    tumor = labels == tumor_label
+    dilated = ndimage.binary_dilation(tumor, structure=np.ones((3, 3, 3), dtype=bool), iterations=1)
+    components, n = cc3d.connected_components(dilated, connectivity=6, return_N=True)
+    # The label set under a component is exactly {0, tumor} iff it has some background and nothing that is
+    # neither background nor tumor (every component holds tumor voxels by construction).
+    has_background = np.zeros(n + 1, dtype=bool)
+    has_background[components[dilated & (labels == 0)]] = True
+    has_other = np.zeros(n + 1, dtype=bool)
+    has_other[components[dilated & (labels != 0) & ~tumor]] = True
+    isolated = has_background & ~has_other
+    isolated[0] = False
+    result[box][tumor & isolated[components]] = 0
+    return result
+
+
+def postprocess_flare(segmentation: np.ndarray, **kwargs) -> np.ndarray:
+    """The full FLARE23 post-processing: :func:`keep_largest_component_per_organ`, then
+    :func:`remove_isolated_tumors`. Keyword arguments (``organ_labels``, ``tumor_label``) go to both."""
+    labels = _integer_labels(segmentation)  # convert a float map once, not in each step
+    result = remove_isolated_tumors(keep_largest_component_per_organ(labels, **kwargs), **kwargs)
+    return result.astype(segmentation.dtype, copy=False)
+
+
+def nnunet_postprocessing_steps() -> tuple[list, list[dict]]:
+    """``(pp_fns, pp_fn_kwargs)`` as nnU-Net's ``apply_postprocessing`` takes them; the same two steps, in the
+    same order, as :func:`postprocess_flare`."""
+    return [keep_largest_component_per_organ, remove_isolated_tumors], [{}, {}]
+
+
+def write_nnunet_postprocessing_pkl(path: str | os.PathLike) -> Path:
+    """Write the ``postprocessing.pkl`` that ``nnUNetv2_apply_postprocessing -pp_pkl_file`` loads (nnU-Net reads
+    it with ``load_pickle`` and unpacks ``pp_fns, pp_fn_kwargs``). The functions are stored by reference, so the
+    process applying it needs nnunet_samflare installed. Written atomically; returns the path."""
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as f:
+            pickle.dump(nnunet_postprocessing_steps(), f)
+    return path

@@ -1,0 +1,178 @@
+"""nnU-Net trainers of the two phases. Each class overrides the few hooks its phase needs and says why.
+
+Class names are frozen into checkpoints and result folders (``Trainer__Plans__Config``): never rename them.
+They are found by nnU-Net through the shim folder ``trainers/`` (see ``nnunet_samflare_autoregister``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
+
+from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler
+from nnunet_samflare.training.roi_sampling import ForegroundBoxDataset
+
+__all__ = [
+    "nnUNetTrainer_SAMFlareLocator",
+    "nnUNetTrainer_SAMFlareSegmenter",
+    "nnUNetTrainer_SAMFlareLocatorDebug",
+    "nnUNetTrainer_SAMFlareSegmenterDebug",
+]
+
+
+def binary_foreground_dataset_json(dataset_json: dict) -> dict:
+    """The same dataset seen as one region: every label > 0 (tumor included) is foreground (METHOD §6.1, §7 #17).
+
+    Region-based training needs no second dataset and no relabelled files; nnU-Net's loss, sampling, final
+    validation and export all understand regions, and the model folder's dataset.json makes stock
+    ``nnUNetv2_predict`` write a 0/1 mask.
+    """
+    binary = copy.deepcopy(dataset_json)
+    labels = dataset_json["labels"]
+    foreground: list[int] = []
+    for name, value in labels.items():
+        if name in ("background", "ignore"):
+            continue
+        foreground.extend(value if isinstance(value, (list, tuple)) else [value])
+    binary["labels"] = {"background": 0, "foreground": sorted(set(foreground))}
+    if "ignore" in labels:
+        binary["labels"]["ignore"] = labels["ignore"]
+    binary["regions_class_order"] = [1]
+    return binary
+
+
+class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
+    """The training recipe shared by both phases (METHOD §6.1, §11.6).
+
+    AdamW (lr 3e-4, weight decay 1e-5) with a closed-form cosine decay to 1e-5, 300 epochs of nnU-Net's 250
+    iterations (the nearest equivalent of the paper's 300 epochs / the code's 80k iterations), nnU-Net's
+    Dice+CE loss, augmentation and sampling. nnU-Net's gradient clipping (norm 12) is kept: it is part of its
+    ``train_step`` and rarely binds with AdamW.
+    """
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 3e-4
+        self.final_lr = 1e-5
+        self.weight_decay = 1e-5
+        self.num_epochs = 300
+        # The paper's networks have one output. Deep supervision is on only when the plans ask for the optional
+        # extra heads; the network's ``deep_supervision_strides`` then says where its outputs are.
+        arch_kwargs = self.configuration_manager.network_arch_init_kwargs
+        self.enable_deep_supervision = bool(arch_kwargs.get("deep_supervision_heads", False))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay
+        )
+        scheduler = CosineAnnealingLRScheduler(optimizer, self.initial_lr, self.final_lr, self.num_epochs)
+        return optimizer, scheduler
+
+    def _get_deep_supervision_scales(self):
+        # nnU-Net derives the scales from arch_kwargs['strides'] (a PlainConvUNet notion); ours come from the
+        # network itself.
+        if not self.enable_deep_supervision:
+            return None
+        network = self.network
+        if isinstance(network, DistributedDataParallel):
+            network = network.module
+        if isinstance(network, OptimizedModule):
+            network = network._orig_mod
+        ndim = len(self.configuration_manager.patch_size)
+        return [[1.0 / stride] * ndim for stride in network.deep_supervision_strides]
+
+    def _do_i_compile(self):
+        # nnU-Net compiles by default on CUDA. These networks (SDPA attention, token reshapes) have not been
+        # validated under torch.compile, so it is opt-in: nnUNet_compile=t.
+        if os.environ.get("nnUNet_compile", "").strip().lower() not in ("true", "1", "t"):
+            return False
+        return super()._do_i_compile()
+
+
+class nnUNetTrainer_SAMFlareLocator(nnUNetTrainer_SAMFlareBase):
+    """Phase 1: the PConv locator learns one foreground class (all labels > 0) on the coarse ``3d_locator`` grid."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, binary_foreground_dataset_json(dataset_json), device)
+
+
+class nnUNetTrainer_SAMFlareSegmenter(nnUNetTrainer_SAMFlareBase):
+    """Phase 2: the SAM/MSA hybrid learns the 14 labels on 96³ patches drawn from the foreground box."""
+
+    #: Random margin (mm) added to each side of the ground-truth foreground box, drawn per side and per draw.
+    #: It brackets the cascade's default ROI margin, so training sees boxes like the locator's.
+    roi_margin_mm: tuple[float, float] = (0.0, 20.0)
+
+    def get_tr_and_val_datasets(self):
+        # Patches come from the region the cascade will crop, not from the whole scan (METHOD §11.6).
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        spacing = self.configuration_manager.spacing
+        return (
+            ForegroundBoxDataset(dataset_tr, spacing, self.roi_margin_mm),
+            ForegroundBoxDataset(dataset_val, spacing, self.roi_margin_mm),
+        )
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        # Right/left kidney and adrenal gland are different labels: a left-right flip would teach the network
+        # that the side does not matter. The x axis of the SimpleITK array is the patient's left-right axis in
+        # axial CT; it is not mirrored in augmentation nor in test-time augmentation.
+        rotation, dummy_2d, initial_patch_size, mirror_axes = (
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+        left_right_axis = list(self.plans_manager.transpose_forward).index(2)
+        mirror_axes = tuple(axis for axis in mirror_axes if axis != left_right_axis)
+        self.inference_allowed_mirroring_axes = mirror_axes
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+
+class _SmokeTestLength:
+    """One epoch of two iterations, no test-time mirroring in the final validation.
+
+    For CI and for checking a new installation end to end in minutes on a CPU; the models are untrained.
+    """
+
+    # nnUNetTrainer.__init__ records its arguments by inspecting ``self.__init__``'s signature: keep it explicit.
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 1
+        self.num_iterations_per_epoch = 2
+        self.num_val_iterations_per_epoch = 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return configured
+
+
+class nnUNetTrainer_SAMFlareLocatorDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareLocator):
+    pass
+
+
+class nnUNetTrainer_SAMFlareSegmenterDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenter):
+    pass

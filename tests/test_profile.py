@@ -1,0 +1,260 @@
+"""Profiling with real subprocesses on CPU; NVML paths with a stand-in pynvml module."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from nnunet_samflare.cli import build_parser, main
+from nnunet_samflare.evaluation import profile
+from nnunet_samflare.evaluation.profile import (
+    NvmlSampler,
+    open_gpu_sampler,
+    predict_command,
+    profile_cases,
+    run_and_sample,
+    visible_gpu,
+)
+
+PY = sys.executable
+# Holds ~200 MB of RAM for 0.6 s, then exits with the code given as argv[1].
+ALLOCATE = "import sys, time; x = bytearray(200 * 2**20); time.sleep(0.6); sys.exit(int(sys.argv[1]))"
+
+
+def python_case(case_file: Path, output_dir: Path, dataset: str, extra_args) -> list[str]:
+    """A stand-in for predict: case B fails with exit code 3."""
+    return [PY, "-c", ALLOCATE, "3" if case_file.name.startswith("B") else "0"]
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for case in ("A", "B"):
+        (folder / f"{case}_0000.nii.gz").write_bytes(b"")
+    (folder / "dataset.json").write_text("{}")
+    return folder
+
+
+def test_run_and_sample_measures_time_and_ram_without_gpu():
+    record = run_and_sample([PY, "-c", ALLOCATE, "0"], gpu=None)
+    assert record["exit_code"] == 0 and record["error"] is None
+    assert 0.6 < record["time_s"] < 30
+    assert record["MaxRAM_MB"] > 150  # the 200 MB buffer, RSS of the child
+    assert record["n_samples"] >= 5  # 0.1 s apart over > 0.6 s
+    times = record["samples"]["time_s"]
+    assert times[0] < 0.1 and all(b > a for a, b in zip(times, times[1:]))
+    assert record["MaxGPU_MB"] is None and record["AUC_GPU_Time_MBs"] is None and record["MaxGPU_own_MB"] is None
+    assert "gpu_mb" not in record["samples"]
+
+
+def test_profile_cases_reports_every_case_and_the_failure(images, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    result = profile_cases(images, out, "501", ["-f", "0"], command_builder=python_case, progress=lines.append)
+    by_case = {r["case"]: r for r in result["cases"]}
+    assert list(by_case) == ["A", "B"]
+    assert by_case["A"]["exit_code"] == 0 and by_case["B"]["exit_code"] == 3  # B failed, A still ran
+    assert result["summary"]["failed_cases"] == ["B"]
+    for record in by_case.values():
+        assert record["time_s"] > 0.6 and record["MaxRAM_MB"] > 150
+        assert Path(record["plot"]).read_bytes()[:4] == b"\x89PNG"
+        assert Path(record["log"]).is_file()
+    if open_gpu_sampler()[0] is None:  # this machine has no usable GPU: the figures are absent and said so
+        assert all(r["MaxGPU_MB"] is None and r["AUC_GPU_Time_MBs"] is None for r in result["cases"])
+        assert result["settings"]["gpu_note"].startswith("GPU figures absent")
+    assert json.loads((out / "profile.json").read_text()) == result
+    rows = list(csv.DictReader((out / "profile.csv").open()))
+    assert [r["case"] for r in rows] == ["A", "B"] and rows[1]["exit_code"] == "3"
+    assert len(lines) == 2 and "FAILED (exit code 3)" in lines[1]
+
+
+def test_no_gpu_is_a_note_not_a_crash(images, tmp_path):
+    result = profile_cases(
+        images,
+        tmp_path / "out",
+        "501",
+        command_builder=lambda *args: [PY, "-c", "pass"],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result["settings"]["gpu"] is None
+    assert "hides every GPU" in result["settings"]["gpu_note"]
+    assert profile.format_profile_table(result).splitlines()[-1] == result["settings"]["gpu_note"]
+
+
+class ScriptedGpu:
+    """A GPU whose device-wide use is 1000 MB plus 100 MB per process of the sampled tree."""
+
+    def __init__(self):
+        self.pid_sets = []
+
+    def sample(self, pids):
+        self.pid_sets.append(set(pids))
+        return 1000.0 + 100.0 * len(pids), 100.0 * len(pids)
+
+
+def test_gpu_figures_from_samples_and_the_process_tree():
+    gpu = ScriptedGpu()
+    child = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+        "time.sleep(1.0)']); p.wait()"
+    )
+    record = run_and_sample([PY, "-c", child], gpu=gpu, interval=0.1)
+    used = record["samples"]["gpu_mb"]
+    assert record["GPU_baseline_MB"] == 1000.0  # sampled with no process before the start
+    assert record["MaxGPU_MB"] == max(used) == 1200.0  # the child and its grandchild were both seen
+    assert record["MaxGPU_own_MB"] == 200.0
+    assert record["AUC_GPU_Time_MBs"] == pytest.approx(sum(used) * 0.1, abs=0.05)
+    assert any(len(p) == 2 for p in gpu.pid_sets)
+
+
+def test_failing_start_and_timeout_are_reported(tmp_path):
+    record = run_and_sample([str(tmp_path / "no-such-program")])
+    assert record["exit_code"] is None and record["error"].startswith("cannot start")
+    record = run_and_sample([PY, "-c", "import time; time.sleep(30)"], timeout_s=0.5)
+    assert record["timed_out"] and record["exit_code"] != 0 and record["time_s"] < 10
+
+
+def test_visible_gpu_follows_cuda_visible_devices():
+    assert visible_gpu({}) == (0, None)
+    assert visible_gpu({"CUDA_VISIBLE_DEVICES": "2,3"}) == (2, None)
+    assert visible_gpu({"CUDA_VISIBLE_DEVICES": "GPU-abc"}) == ("GPU-abc", None)
+    for hidden in ("", "-1"):
+        device, note = visible_gpu({"CUDA_VISIBLE_DEVICES": hidden})
+        assert device is None and "hides every GPU" in note
+
+
+@pytest.fixture
+def fake_pynvml(monkeypatch):
+    """A stand-in for pynvml with two GPUs; GPU 1 has 3 GiB used, 1 GiB of it by pid 4242."""
+    nvml = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def handle(index):
+        if index > 1:
+            raise NVMLError("Invalid Argument")
+        return index
+
+    nvml.NVMLError = NVMLError
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetHandleByIndex = handle
+    nvml.nvmlDeviceGetName = lambda h: f"Fake GPU {h}"
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used=(3 if h else 1) * 2**30, total=80 * 2**30)
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=4242, usedGpuMemory=2**30),
+        types.SimpleNamespace(pid=7, usedGpuMemory=2**29),
+    ]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    return nvml
+
+
+def test_nvml_sampler_reads_the_visible_device_and_own_pids(fake_pynvml):
+    sampler, note = open_gpu_sampler({"CUDA_VISIBLE_DEVICES": "1"})
+    assert note is None and isinstance(sampler, NvmlSampler)
+    assert sampler.description == {"device": 1, "name": "Fake GPU 1", "total_MB": 81920.0}
+    assert sampler.sample({4242, 5}) == (3072.0, 1024.0)
+    assert sampler.sample({5}) == (3072.0, 0.0)
+    sampler, note = open_gpu_sampler({"CUDA_VISIBLE_DEVICES": "5"})
+    assert sampler is None and "not found" in note
+
+
+def test_predict_command_is_a_fresh_interpreter_running_predict(tmp_path):
+    command = predict_command(tmp_path / "A_0000.nii.gz", tmp_path / "out", "501", ["-f", "0"])
+    assert command == [
+        PY,
+        "-m",
+        "nnunet_samflare.cli",
+        "predict",
+        "-i",
+        str(tmp_path / "A_0000.nii.gz"),
+        "-o",
+        str(tmp_path / "out"),
+        "-d",
+        "501",
+        "-f",
+        "0",
+    ]
+
+
+def test_cli_passes_unknown_flags_to_predict():
+    args = build_parser().parse_args(
+        [
+            "profile",
+            "-i",
+            "imgs",
+            "-device",
+            "cpu",
+            "-o",
+            "out",
+            "-d",
+            "501",
+            "-f",
+            "0",
+            "--disable_tta",
+            "--report-dir",
+            "rep",
+            "--no-gpu",
+            "--",
+            "-o",
+            "x",
+        ]
+    )
+    assert (args.images, args.output_dir, args.dataset, args.report_dir, args.no_gpu) == (
+        "imgs",
+        "out",
+        "501",
+        "rep",
+        True,
+    )
+    assert args.extra_args == ["-device", "cpu", "-f", "0", "--disable_tta", "-o", "x"]
+
+
+def test_cli_runs_each_case_and_exits_1_when_one_failed(images, tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def builder(case_file, output_dir, dataset, extra_args):
+        seen.append((case_file.name, output_dir, dataset, extra_args))
+        return python_case(case_file, output_dir, dataset, extra_args)
+
+    monkeypatch.setattr(profile, "predict_command", builder)
+    out, report = tmp_path / "out", tmp_path / "report"
+    assert (
+        main(
+            [
+                "profile",
+                "-i",
+                str(images),
+                "-o",
+                str(out),
+                "-d",
+                "501",
+                "-f",
+                "0",
+                "--report-dir",
+                str(report),
+                "--no-gpu",
+            ]
+        )
+        == 1
+    )
+    assert seen == [("A_0000.nii.gz", out, "501", ["-f", "0"]), ("B_0000.nii.gz", out, "501", ["-f", "0"])]
+    data = json.loads((report / "profile.json").read_text())
+    assert [r["exit_code"] for r in data["cases"]] == [0, 3]
+    assert data["settings"]["gpu_note"] == "GPU figures absent: GPU sampling disabled"
+    assert (report / "profile.csv").is_file() and (report / "profile_A.png").is_file()
+    assert "1 case(s) failed: B" in capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["profile", "-i", str(tmp_path / "none"), "-o", str(tmp_path / "o"), "-d", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "none" in err

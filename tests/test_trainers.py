@@ -1,0 +1,123 @@
+"""The trainers' own hooks, in-process on the preprocessed real CT: schedule, resume, ROI sampling, mirroring."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATASET_NAME, PLANS, read_json
+from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler, cosine_lr
+from nnunet_samflare.training.roi_sampling import ForegroundBoxDataset, foreground_box
+from nnunet_samflare.training.trainers import (
+    binary_foreground_dataset_json,
+    nnUNetTrainer_SAMFlareLocator,
+    nnUNetTrainer_SAMFlareSegmenter,
+)
+
+
+@pytest.fixture
+def nnunet_env(planned_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(planned_dataset.raw))
+    monkeypatch.setenv("nnUNet_preprocessed", str(planned_dataset.preprocessed))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))  # never touch the session's models
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    folder = planned_dataset.preprocessed / DATASET_NAME
+    return read_json(folder / f"{PLANS}.json"), read_json(folder / "dataset.json")
+
+
+def make_trainer(cls, configuration, plans, dataset_json, continue_training=False):
+    plans = copy.deepcopy(plans)
+    plans["continue_training"] = continue_training
+    return cls(plans, configuration, "all", dataset_json, device=torch.device("cpu"))
+
+
+def test_cosine_schedule_endpoints():
+    assert cosine_lr(0, 300, 3e-4, 1e-5) == pytest.approx(3e-4)
+    assert cosine_lr(150, 300, 3e-4, 1e-5) == pytest.approx((3e-4 + 1e-5) / 2)
+    assert cosine_lr(300, 300, 3e-4, 1e-5) == pytest.approx(1e-5)
+    assert cosine_lr(10_000, 300, 3e-4, 1e-5) == pytest.approx(1e-5)
+
+
+def test_scheduler_jumps_to_any_epoch_without_history():
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = CosineAnnealingLRScheduler(optimizer, 3e-4, 1e-5, 300)
+    scheduler.step(217)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(217, 300, 3e-4, 1e-5))
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cosine_lr(218, 300, 3e-4, 1e-5))
+
+
+def test_recipe_and_resume_restores_the_schedule(nnunet_env, tmp_path):
+    plans, dataset_json = nnunet_env
+    trainer = make_trainer(nnUNetTrainer_SAMFlareLocator, "3d_locator", plans, dataset_json)
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert trainer.optimizer.defaults["weight_decay"] == 1e-5
+    assert trainer.num_epochs == 300 and trainer.initial_lr == 3e-4
+    assert trainer._do_i_compile() is False
+    trainer.current_epoch = 120
+    trainer.on_train_epoch_start()
+    trainer.current_epoch += 1  # what on_epoch_end does before a checkpoint is written
+    checkpoint = tmp_path / "checkpoint.pth"
+    trainer.save_checkpoint(str(checkpoint))
+
+    resumed = make_trainer(nnUNetTrainer_SAMFlareLocator, "3d_locator", plans, dataset_json, continue_training=True)
+    resumed.load_checkpoint(str(checkpoint))
+    assert resumed.current_epoch == 122  # nnU-Net stores current_epoch + 1
+    resumed.on_train_epoch_start()
+    expected = cosine_lr(122, 300, 3e-4, 1e-5)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert not math.isclose(expected, 3e-4)
+
+
+def test_binary_foreground_dataset_json_includes_tumor():
+    dataset_json = {"labels": {"background": 0, "liver": 1, "tumor": 14}, "channel_names": {"0": "CT"}}
+    binary = binary_foreground_dataset_json(dataset_json)
+    assert binary["labels"] == {"background": 0, "foreground": [1, 14]}
+    assert binary["regions_class_order"] == [1]
+    assert dataset_json["labels"] == {"background": 0, "liver": 1, "tumor": 14}  # input untouched
+
+
+def test_segmenter_does_not_mirror_left_right(nnunet_env):
+    plans, dataset_json = nnunet_env
+    trainer = make_trainer(nnUNetTrainer_SAMFlareSegmenter, "3d_segmenter", plans, dataset_json)
+    *_, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert plans["transpose_forward"] == [0, 1, 2]
+    assert mirror_axes == (0, 1)
+    assert trainer.inference_allowed_mirroring_axes == (0, 1)
+    locator = make_trainer(nnUNetTrainer_SAMFlareLocator, "3d_locator", plans, dataset_json)
+    assert locator.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[-1] == (0, 1, 2)
+
+
+def test_segmenter_samples_from_the_foreground_box(nnunet_env):
+    plans, dataset_json = nnunet_env
+    trainer = make_trainer(nnUNetTrainer_SAMFlareSegmenter, "3d_segmenter", plans, dataset_json)
+    trainer.dataset_class = None
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    assert isinstance(dataset_tr, ForegroundBoxDataset)
+    data, seg, _, properties = dataset_tr._dataset.load_case("TSEX_0001")
+    full_seg = np.asarray(seg[:])
+    box = foreground_box(full_seg)
+    assert box is not None
+    margin_voxels = [math.ceil(20.0 / s) for s in trainer.configuration_manager.spacing]
+    np.random.seed(0)
+    for _ in range(5):
+        cropped_data, cropped_seg, _, cropped_properties = dataset_tr.load_case("TSEX_0001")
+        shape = cropped_seg.shape[1:]
+        extent = [hi - lo for lo, hi in box]
+        assert all(e <= s <= e + 2 * m for e, s, m in zip(extent, shape, margin_voxels))
+        assert cropped_data.shape[1:] == shape
+        # every foreground voxel survives the crop
+        assert (cropped_seg > 0).sum() == (full_seg > 0).sum()
+        for label, locations in cropped_properties["class_locations"].items():
+            if len(locations):
+                assert np.all(locations[:, 1:] < np.array(shape)) and np.all(locations >= 0)
+                z, y, x = locations[0, 1:]
+                assert cropped_seg[0, z, y, x] == label
