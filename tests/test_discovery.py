@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 import nnunet_samflare.nnunet_trainers
+
 from conftest import DATASET_ID, LOCATOR_TRAINER, PLANS, command
 
 SHIM_FOLDER = os.path.abspath(nnunet_samflare.nnunet_trainers.__path__[0])

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATASET_NAME, PLANS, read_json
 from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler, cosine_lr
 from nnunet_samflare.training.roi_sampling import ForegroundBoxDataset, foreground_box
 from nnunet_samflare.training.trainers import (
@@ -17,6 +16,8 @@ from nnunet_samflare.training.trainers import (
     nnUNetTrainer_SAMFlareLocator,
     nnUNetTrainer_SAMFlareSegmenter,
 )
+
+from conftest import DATASET_NAME, PLANS, read_json
 
 
 @pytest.fixture

@@ -243,10 +243,10 @@ def crop_image(image: sitk.Image, box: Sequence[Sequence[int]]) -> sitk.Image:
     return sitk.RegionOfInterest(image, extent_xyz, index_xyz)
 
 
-def paste_into_original(roi_seg: np.ndarray, record: dict[str, Any]) -> np.ndarray:
+def paste_into_original(roi_seg: np.ndarray | None, record: dict[str, Any]) -> np.ndarray:
     """A label map predicted on the cropped image, pasted into a zero volume of the original shape (all
-    background when the record has no box)."""
+    background, uint8 unless ``roi_seg`` says otherwise, when the record has no box)."""
     shape = tuple(record["shape_zyx"])
     if record["box_zyx"] is None:
-        return np.zeros(shape, dtype=roi_seg.dtype)
+        return np.zeros(shape, dtype=np.uint8 if roi_seg is None else roi_seg.dtype)
     return paste_roi(roi_seg, record["box_zyx"], shape, fill=0)

@@ -24,6 +24,7 @@ __all__ = [
     "resolve_arch_kwargs",
 ]
 
+
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W, D)`` -> ``(B, H*W*D, C)``, H-major."""
     return x.flatten(2).transpose(1, 2)

@@ -139,7 +139,8 @@ def write_samflare_plans(
     folder = Path(nnUNet_preprocessed) / dataset_name
     source = folder / f"{source_plans_name}.json"
     if not source.is_file():
-        raise FileNotFoundError(f"{source}: no such plans file (run nnUNetv2_plan_and_preprocess -d {dataset_name_or_id})")
+        hint = f"run nnUNetv2_plan_and_preprocess -d {dataset_name_or_id}"
+        raise FileNotFoundError(f"{source}: no such plans file ({hint})")
     try:
         source_plans = json.loads(source.read_text())
     except json.JSONDecodeError as e:

@@ -24,6 +24,9 @@ __all__ = [
     "nnUNetTrainer_SAMFlareSegmenterDebug",
 ]
 
+# nnUNetTrainer's own default device, shared by the signatures below (nnU-Net inspects them).
+_CUDA = torch.device("cuda")
+
 
 def binary_foreground_dataset_json(dataset_json: dict) -> dict:
     """The same dataset seen as one region: every label > 0 (tumor included) is foreground (METHOD §6.1, §7 #17).
@@ -61,7 +64,7 @@ class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
         configuration: str,
         fold: int,
         dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
+        device: torch.device = _CUDA,
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 3e-4
@@ -110,7 +113,7 @@ class nnUNetTrainer_SAMFlareLocator(nnUNetTrainer_SAMFlareBase):
         configuration: str,
         fold: int,
         dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
+        device: torch.device = _CUDA,
     ):
         super().__init__(plans, configuration, fold, binary_foreground_dataset_json(dataset_json), device)
 
@@ -157,7 +160,7 @@ class _SmokeTestLength:
         configuration: str,
         fold: int,
         dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
+        device: torch.device = _CUDA,
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 1

@@ -1,0 +1,48 @@
+"""Arguments shared by the sub-commands that load the two models (``predict``, ``locate``, ``profile``)."""
+
+import argparse
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags mirror nnUNetv2_predict where they mean the same thing."""
+    g = p.add_argument_group("models (found like nnUNetv2_predict finds them, or given as folders)")
+    g.add_argument("-d", dest="dataset", help="dataset name or id")
+    g.add_argument("-p", dest="plans", default="samflarePlans", help="plans identifier (default: %(default)s)")
+    g.add_argument("--locator_trainer", default="nnUNetTrainer_SAMFlareLocator", help="default: %(default)s")
+    g.add_argument("--segmenter_trainer", default="nnUNetTrainer_SAMFlareSegmenter", help="default: %(default)s")
+    g.add_argument("--locator", metavar="DIR", help="locator model folder (overrides -d/-p/--locator_trainer)")
+    g.add_argument("--segmenter", metavar="DIR", help="segmenter model folder (overrides -d/-p/--segmenter_trainer)")
+    g.add_argument("-f", dest="folds", nargs="+", help="folds to use, e.g. 0 1 2 3 4 or all (default: all found)")
+    g.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="default: %(default)s")
+    g.add_argument("-device", dest="device", choices=("cuda", "cpu", "mps"),
+                   help="default: cuda if available, else mps, else cpu")
+    s = p.add_argument_group("inference settings (defaults follow the paper: METHOD.md §11.5)")
+    s.add_argument("--step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (nnU-Net's; off by default)")
+    s.add_argument("--disable_tta", action="store_true",
+                   help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work")
+    s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
+    s.add_argument("--margin_mm", type=float, default=10.0, help="margin around the located box (default: %(default)s)")
+
+
+def predictor_options(args: argparse.Namespace) -> dict:
+    if args.tta and args.disable_tta:
+        raise ValueError("--tta and --disable_tta contradict each other")
+    folds = None
+    if args.folds:
+        folds = [f if f == "all" else int(f) for f in args.folds]
+    return dict(
+        dataset=args.dataset,
+        locator=args.locator,
+        segmenter=args.segmenter,
+        plans=args.plans,
+        locator_trainer=args.locator_trainer,
+        segmenter_trainer=args.segmenter_trainer,
+        folds=folds,
+        checkpoint_name=args.checkpoint,
+        device=args.device,
+        step_size=args.step_size,
+        tta=args.tta,
+        gaussian=args.gaussian,
+        margin_mm=args.margin_mm,
+    )

@@ -1,0 +1,46 @@
+"""``samflare predict``: the whole cascade on NIfTI/MHA/NRRD files or DICOM series."""
+
+import argparse
+
+from nnunet_samflare.cli._models import add_model_arguments, predictor_options
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="locate → crop → segment → post-process → paste back, for a folder, a file or a DICOM series",
+        description="Segment 13 abdominal organs and tumours. INPUT: a folder of <case>_0000.nii.gz or <case>.nii.gz "
+        "(.nii, .mha, .nrrd too), one image file, or a DICOM series folder. Label maps keep the input's format and "
+        "geometry (DICOM → .nii.gz).",
+    )
+    p.add_argument("-i", dest="input", required=True, help="input folder, file or DICOM series folder")
+    p.add_argument("-o", dest="output", required=True, help="output folder (or a file name for a single input)")
+    add_model_arguments(p)
+    o = p.add_argument_group("outputs")
+    o.add_argument("--save_probabilities", action="store_true",
+                   help="also <case>.npz (class probabilities, float16, full size) and <case>.pkl like nnU-Net")
+    o.add_argument("--continue_prediction", action="store_true",
+                   help="skip cases whose outputs exist; redo half-written ones")
+    o.add_argument("--stats", action="store_true", help="also <case>_stats.json: per-label volume (mL) and mean HU")
+    o.add_argument("--preview", action="store_true", help="also <case>_preview.png: axial + coronal overlay")
+    o.add_argument("--no_postprocessing", action="store_true",
+                   help="skip largest-component and isolated-tumour post-processing")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nnunet_samflare.inference.api import predict
+
+    options = predictor_options(args)
+    options["postprocess"] = not args.no_postprocessing
+    written = predict(
+        args.input,
+        args.output,
+        save_probabilities=args.save_probabilities,
+        continue_prediction=args.continue_prediction,
+        stats=args.stats,
+        preview=args.preview,
+        **options,
+    )
+    print(f"{len(written)} label map(s) in {args.output}")
+    return 0

@@ -1,0 +1,229 @@
+"""``nnunet_samflare.predict``: the cascade on files, folders, DICOM series or in-memory SimpleITK images.
+
+Every output is written to a temporary name and renamed, extras first and the label map last, so a label map
+on disk means a finished case: ``continue_prediction`` skips those and redoes anything half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from nnunet_samflare.inference.cascade import (
+    DEFAULT_LOCATOR_TRAINER,
+    DEFAULT_PLANS,
+    DEFAULT_ROI_MARGIN_MM,
+    DEFAULT_SEGMENTER_TRAINER,
+    LOCATOR_CONFIGURATION,
+    SEGMENTER_CONFIGURATION,
+    CascadePredictor,
+    CasePrediction,
+    model_folder,
+)
+from nnunet_samflare.inference.io import (
+    Case,
+    InputError,
+    atomic_output,
+    check_num_channels,
+    find_cases,
+    image_ending,
+    read_case,
+    remove_stale_temporaries,
+    seg_to_image,
+    write_json_atomic,
+    write_seg_atomic,
+)
+from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def build_predictor(
+    *,
+    dataset: str | int | None = None,
+    locator: str | os.PathLike | None = None,
+    segmenter: str | os.PathLike | None = None,
+    plans: str = DEFAULT_PLANS,
+    locator_trainer: str = DEFAULT_LOCATOR_TRAINER,
+    segmenter_trainer: str = DEFAULT_SEGMENTER_TRAINER,
+    folds: Sequence[int | str] | None = None,
+    checkpoint_name: str = "checkpoint_final.pth",
+    device: str | None = None,
+    step_size: float = 0.5,
+    tta: bool = False,
+    gaussian: bool = False,
+    margin_mm: float = DEFAULT_ROI_MARGIN_MM,
+    postprocess: bool = True,
+) -> CascadePredictor:
+    """A :class:`CascadePredictor` whose model folders are given, or found from the dataset like nnUNetv2_predict
+    finds them (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``)."""
+    if locator is None or segmenter is None:
+        if dataset is None:
+            raise ValueError("give a dataset (-d) or both model folders (--locator and --segmenter)")
+        locator = locator or model_folder(dataset, locator_trainer, plans, LOCATOR_CONFIGURATION)
+        segmenter = segmenter or model_folder(dataset, segmenter_trainer, plans, SEGMENTER_CONFIGURATION)
+    for folder in (locator, segmenter):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: model folder not found (train it or pass --locator/--segmenter)")
+    return CascadePredictor(
+        locator,
+        segmenter,
+        folds=folds,
+        checkpoint_name=checkpoint_name,
+        device=device or default_device(),
+        tile_step_size=step_size,
+        use_gaussian=gaussian,
+        use_mirroring=tta,
+        roi_margin_mm=margin_mm,
+        postprocess=postprocess,
+    )
+
+
+def predict(
+    input: str | os.PathLike | sitk.Image,
+    output: str | os.PathLike | None = None,
+    *,
+    predictor: CascadePredictor | None = None,
+    save_probabilities: bool = False,
+    continue_prediction: bool = False,
+    stats: bool = False,
+    preview: bool = False,
+    progress: bool = True,
+    **predictor_options: Any,
+) -> list[Path] | sitk.Image:
+    """Segment abdominal CT with the cascade.
+
+    ``input`` is a folder of images (``<case>_0000.nii.gz`` or ``<case>.nii.gz``; also ``.nii``, ``.mha``,
+    ``.nrrd``), a single image file, a DICOM series folder, or a ``SimpleITK.Image``. ``output`` is a folder
+    (or, for one image, a file name with an image ending); with a ``SimpleITK.Image`` and no ``output`` the label
+    map is returned as a ``SimpleITK.Image`` in the input's geometry. Otherwise the written label maps are
+    returned. ``predictor`` reuses loaded models; else ``predictor_options`` go to :func:`build_predictor`
+    (``dataset``, ``locator``, ``segmenter``, ``device``, ``tta``, ``gaussian``, ``margin_mm``, ...).
+    """
+    if isinstance(input, sitk.Image):
+        data, properties = read_case(input)
+        predictor = predictor or build_predictor(**predictor_options)
+        _check_channels(data.shape[0], predictor, "<in-memory image>")
+        prediction = predictor.predict_case(data, properties)
+        if output is None:
+            return seg_to_image(prediction.segmentation, properties)
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_seg_atomic(prediction.segmentation, properties, output)
+        return [output]
+    if output is None:
+        raise ValueError("an output folder or file is needed for file input")
+
+    cases = find_cases(input)
+    output = Path(output)
+    single_file_output = len(cases) == 1 and image_ending(output) is not None
+    out_dir = output.parent if single_file_output else output
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = [output if single_file_output else out_dir / case.output_name for case in cases]
+    if continue_prediction:
+        remove_stale_temporaries(out_dir)
+    todo = [
+        (case, target)
+        for case, target in zip(cases, targets)
+        if not (continue_prediction and _is_done(target, save_probabilities, stats, preview))
+    ]
+    if not todo:
+        return targets
+
+    predictor = predictor or build_predictor(**predictor_options)
+    for case, _ in todo:
+        check_num_channels(case, predictor.num_input_channels)
+    _write_model_files(predictor, out_dir)
+    from tqdm import tqdm
+
+    for case, target in tqdm(todo, desc="samflare predict", unit="case", disable=not progress):
+        predict_case_to_files(predictor, case, target, save_probabilities, stats, preview)
+    return targets
+
+
+def predict_case_to_files(
+    predictor: CascadePredictor,
+    case: Case,
+    target: Path,
+    save_probabilities: bool = False,
+    stats: bool = False,
+    preview: bool = False,
+) -> CasePrediction:
+    """Read, predict and write one case; the label map is written last."""
+    start = time.perf_counter()
+    data, properties = read_case(case)
+    read_time = time.perf_counter() - start
+    prediction = predictor.predict_case(data, properties, return_probabilities=save_probabilities)
+    prediction.timings["read"] = read_time
+    start = time.perf_counter()
+    stem = _stem(target)
+    if save_probabilities:
+        with atomic_output(target.with_name(stem + ".npz")) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, probabilities=prediction.probabilities)
+        from batchgenerators.utilities.file_and_folder_operations import save_pickle
+
+        with atomic_output(target.with_name(stem + ".pkl")) as tmp:
+            save_pickle(properties, str(tmp))
+    if stats:
+        save_stats_json(
+            organ_stats(prediction.segmentation, data[0], properties["spacing"]),
+            target.with_name(stem + "_stats.json"),
+            case=case.case_id,
+            source=str(case.source),
+            roi_box_zyx=prediction.box,
+            timings_s={k: round(v, 4) for k, v in prediction.timings.items()},
+        )
+    if preview:
+        save_preview_png(
+            data[0],
+            prediction.segmentation,
+            target.with_name(stem + "_preview.png"),
+            properties["spacing"],
+            properties["sitk_stuff"]["direction"],
+            title=case.case_id,
+        )
+    write_seg_atomic(prediction.segmentation, properties, target)
+    prediction.timings["write"] = time.perf_counter() - start
+    return prediction
+
+
+def _stem(path: Path) -> str:
+    ending = image_ending(path)
+    return path.name[: -len(ending)] if ending else path.stem
+
+
+def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool) -> bool:
+    stem = _stem(target)
+    wanted = [target]
+    if save_probabilities:
+        wanted += [target.with_name(stem + ".npz"), target.with_name(stem + ".pkl")]
+    if stats:
+        wanted.append(target.with_name(stem + "_stats.json"))
+    if preview:
+        wanted.append(target.with_name(stem + "_preview.png"))
+    return all(p.is_file() for p in wanted)
+
+
+def _check_channels(n: int, predictor: CascadePredictor, name: str) -> None:
+    if n != predictor.num_input_channels:
+        raise InputError(name, f"image has {n} channel(s), the models expect {predictor.num_input_channels}")
+
+
+def _write_model_files(predictor: CascadePredictor, out_dir: Path) -> None:
+    # nnUNetv2_apply_postprocessing and the ensembling tools expect these beside the predictions (NNUNET.md §10.14).
+    write_json_atomic(predictor.segmenter.dataset_json, out_dir / "dataset.json")
+    write_json_atomic(predictor.segmenter.plans_manager.plans, out_dir / "plans.json")

@@ -1,0 +1,116 @@
+"""The cascade as separate steps around stock nnU-Net, for labs that script around ``nnUNetv2_predict``:
+
+``samflare locate`` → ``nnUNetv2_predict -c 3d_segmenter`` on the ROI folder → ``samflare uncrop`` →
+``samflare postprocess`` (or ``nnUNetv2_apply_postprocessing``). The steps call the same functions as
+:class:`~nnunet_samflare.inference.cascade.CascadePredictor`, so the result equals ``samflare predict`` run with
+the same tile settings as nnUNetv2_predict (``--gaussian``, and ``--tta`` unless ``--disable_tta`` is given to
+both).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from nnunet_samflare.inference.cascade import CascadePredictor, resize_nearest
+from nnunet_samflare.inference.io import (
+    InputError,
+    check_num_channels,
+    find_cases,
+    image_ending,
+    list_image_files,
+    read_case,
+    read_label_map,
+    remove_stale_temporaries,
+    write_image_atomic,
+    write_seg_atomic,
+)
+from nnunet_samflare.inference.roi import (
+    load_roi_record,
+    paste_into_original,
+    properties_from_roi_record,
+    roi_record_from_properties,
+    save_roi_record,
+)
+
+ROI_IMAGE_SUFFIX = "_0000"
+
+
+def locate_to_folder(
+    predictor: CascadePredictor, input: str | os.PathLike, roi_dir: str | os.PathLike, continue_prediction: bool = False
+) -> list[Path]:
+    """For every case: the ROI image(s) resampled to the segmenter's grid, named ``<case>_000C.nii.gz`` for
+    nnUNetv2_predict, and ``<case>.json`` with the box and the original geometry (written last). A case with no
+    foreground gets only its JSON (box null): ``uncrop`` then writes an all-background map."""
+    roi_dir = Path(roi_dir)
+    roi_dir.mkdir(parents=True, exist_ok=True)
+    if continue_prediction:
+        remove_stale_temporaries(roi_dir)
+    records = []
+    for case in find_cases(input):
+        record_path = roi_dir / f"{case.case_id}.json"
+        records.append(record_path)
+        if continue_prediction and record_path.is_file():
+            continue
+        check_num_channels(case, predictor.num_input_channels)
+        data, properties = read_case(case)
+        box = predictor.locate(data, properties)
+        extra = {"case": case.case_id, "output_name": case.output_name, "margin_mm": predictor.roi_margin_mm}
+        if box is None:
+            warnings.warn(f"{case.source}: the locator found no foreground", stacklevel=2)
+        else:
+            roi = predictor.segmenter_input(data, properties, box)
+            geometry = roi.properties["sitk_stuff"]
+            for channel, array in enumerate(roi.data):
+                image = sitk.GetImageFromArray(array)
+                image.SetSpacing(geometry["spacing"])
+                image.SetOrigin(geometry["origin"])
+                image.SetDirection(geometry["direction"])
+                write_image_atomic(image, roi_dir / f"{case.case_id}_{channel:04d}.nii.gz")
+            extra["roi_shape_zyx"] = list(roi.data.shape[1:])
+        save_roi_record(roi_record_from_properties(box, data.shape[1:], properties, **extra), record_path)
+    return records
+
+
+def uncrop_folder(
+    prediction_dir: str | os.PathLike, roi_dir: str | os.PathLike, output_dir: str | os.PathLike
+) -> list[Path]:
+    """Paste every ROI label map of ``prediction_dir`` back into its original geometry (records from
+    ``roi_dir``), by nearest-neighbour interpolation, as ``CascadePredictor`` does."""
+    prediction_dir, roi_dir, output_dir = Path(prediction_dir), Path(roi_dir), Path(output_dir)
+    record_files = sorted(p for p in roi_dir.glob("*.json") if not p.name.startswith("."))
+    if not record_files:
+        raise InputError(roi_dir, "no ROI records (<case>.json) found; run samflare locate first")
+    predictions = {_case_id(p): p for p in list_image_files(prediction_dir)} if prediction_dir.is_dir() else {}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for record_file in record_files:
+        record = load_roi_record(record_file)
+        case_id = record.get("case", record_file.stem)
+        roi_seg = None  # no box: paste_into_original gives an all-background map
+        if record["box_zyx"] is not None:
+            if case_id not in predictions:
+                raise InputError(prediction_dir, f"no prediction for case {case_id} (expected {case_id}.nii.gz)")
+            roi_image = read_label_map(predictions[case_id])
+            expected = record.get("roi_shape_zyx")
+            roi_seg = sitk.GetArrayFromImage(roi_image)
+            if expected is not None and list(roi_seg.shape) != list(expected):
+                raise InputError(
+                    predictions[case_id], f"prediction shape {roi_seg.shape} differs from the ROI's {tuple(expected)}"
+                )
+            box_shape = [hi - lo for lo, hi in record["box_zyx"]]
+            roi_seg = resize_nearest(torch.from_numpy(roi_seg.astype(np.uint8)), box_shape).numpy()
+        segmentation = paste_into_original(roi_seg, record)
+        target = output_dir / record.get("output_name", f"{case_id}.nii.gz")
+        write_seg_atomic(segmentation, properties_from_roi_record(record), target)
+        written.append(target)
+    return written
+
+
+def _case_id(path: Path) -> str:
+    return path.name[: -len(image_ending(path))]
