@@ -59,7 +59,12 @@ class NnUNetFolders:
 
     def run(self, args: list[str], *, training: bool = False, timeout: float = 900, **extra: str):
         result = subprocess.run(
-            args, env=self.env(training=training, **extra), capture_output=True, text=True, timeout=timeout
+            args,
+            env=self.env(training=training, **extra),
+            capture_output=True,
+            encoding="utf-8",
+            errors="replace",
+            timeout=timeout,
         )
         if result.returncode != 0:
             raise AssertionError(

@@ -25,6 +25,8 @@ from nnunet_samflare.inference.io import (
     write_seg_atomic,
 )
 
+from image_factory import make_bad_input, truncate, write_dicom_series
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CT = DATA / "flare_like" / "imagesTr" / "TSEX_0002_0000.nii.gz"  # 122 x 101 x 30, 3 mm, int16 HU, RAS on disk
 
@@ -136,43 +138,6 @@ def test_read_case_from_memory_and_multichannel(tmp_path):
 # Bad inputs: one-line InputError naming the file
 
 
-def _truncate(src, dst, fraction=0.5):
-    data = Path(src).read_bytes()
-    Path(dst).write_bytes(data[: int(len(data) * fraction)])
-    return Path(dst)
-
-
-def _make_bad(kind, tmp_path):
-    if kind == "2d":
-        return _write(sitk.Image(8, 8, sitk.sitkInt16), tmp_path / "flat.nii.gz")
-    if kind == "4d":
-        return _write(sitk.Image([4, 4, 4, 2], sitk.sitkInt16), tmp_path / "timeseries.nii.gz")
-    if kind == "vector":
-        return _write(sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3), tmp_path / "rgb.mha")
-    if kind == "empty":
-        path = tmp_path / "zero.nii.gz"
-        path.write_bytes(b"")
-        return path
-    if kind == "truncated_nii_gz":
-        return _truncate(CT, tmp_path / "cut.nii.gz")  # ITK itself reads this without complaint
-    if kind == "truncated_nii":
-        sitk.WriteImage(sitk.ReadImage(str(CT)), str(tmp_path / "full.nii"))
-        return _truncate(tmp_path / "full.nii", tmp_path / "cut.nii", 0.9)
-    if kind == "truncated_mha":
-        sitk.WriteImage(sitk.ReadImage(str(CT)), str(tmp_path / "full.mha"))
-        return _truncate(tmp_path / "full.mha", tmp_path / "cut.mha")
-    if kind == "garbage":
-        path = tmp_path / "noise.nrrd"
-        path.write_bytes(os.urandom(2048))
-        return path
-    if kind in ("nan", "inf", "nan_mha"):
-        array = np.zeros((4, 5, 6), dtype=np.float32)
-        array[1, 2, 3] = np.inf if kind == "inf" else np.nan
-        ending = ".mha" if kind == "nan_mha" else ".nii.gz"  # NIfTI: ITK turns NaN into 0, so it needs its own check
-        return _write(sitk.GetImageFromArray(array), tmp_path / f"has_{kind}{ending}")
-    raise AssertionError(kind)
-
-
 EXPECTED_CAUSE = {
     "2d": "2-D",
     "4d": "4-D",
@@ -191,7 +156,7 @@ BAD_KINDS = list(EXPECTED_CAUSE)
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
 def test_bad_image_gives_one_line_error_naming_the_file(kind, tmp_path):
-    path = _make_bad(kind, tmp_path)
+    path = make_bad_input(kind, tmp_path)
     before = _sha(path)
     with pytest.raises(InputError) as e:
         (case,) = find_cases(path)
@@ -218,37 +183,6 @@ def test_read_label_map_rejects_fractional_labels(tmp_path):
 # DICOM
 
 
-def _write_dicom_series(image, folder, series_uid, series_number=1):
-    """Write a 3-D int16 image as a CT series, one file per slice, with the tags that place it in space."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))  # row and column cosines
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        tags = {
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.2",  # CT Image Storage
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0008|0060": "CT",
-            "0020|000d": "1.2.826.0.1.3680043.8.498.1",
-            "0020|000e": series_uid,
-            "0020|0011": str(series_number),
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0037": orientation,
-            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-            "0028|1052": "0",  # rescale intercept: stored values are HU
-            "0028|1053": "1",
-        }
-        for tag, value in tags.items():
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{k:04d}.dcm"))
-        writer.Execute(plane)
-    return folder
-
-
 def _assert_same_volume(data, props, image):
     np.testing.assert_array_equal(data[0], sitk.GetArrayFromImage(image).astype(np.float32))
     np.testing.assert_allclose(props["sitk_stuff"]["spacing"], image.GetSpacing(), atol=1e-5)
@@ -260,7 +194,7 @@ def _assert_same_volume(data, props, image):
 def test_dicom_series_reads_back_like_the_nifti(tmp_path):
     nifti = sitk.ReadImage(str(CT))
     assert nifti.GetPixelID() == sitk.sitkInt16
-    folder = _write_dicom_series(nifti, tmp_path / "patient1", "1.2.826.0.1.3680043.8.498.2")
+    folder = write_dicom_series(nifti, tmp_path / "patient1", "1.2.826.0.1.3680043.8.498.2")
     (case,) = find_cases(folder)
     assert case.is_dicom and case.case_id == "patient1" and case.output_name == "patient1.nii.gz"
     assert len(case.files) == nifti.GetDepth()
@@ -285,7 +219,7 @@ def test_dicom_geometry_round_trip_anisotropic(tmp_path, direction):
     image = sitk.ReadImage(str(CT))
     image.SetSpacing((0.7, 0.85, 2.5))
     image.SetDirection(direction)
-    folder = _write_dicom_series(image, tmp_path / "aniso", "1.2.826.0.1.3680043.8.498.3")
+    folder = write_dicom_series(image, tmp_path / "aniso", "1.2.826.0.1.3680043.8.498.3")
     data, props = read_case(find_cases(folder)[0])
     _assert_same_volume(data, props, image)
 
@@ -293,11 +227,11 @@ def test_dicom_geometry_round_trip_anisotropic(tmp_path, direction):
 def test_folder_with_two_series_gives_two_cases_and_subfolders_are_scanned(tmp_path):
     image = sitk.ReadImage(str(CT))[:, :, :6]
     folder = tmp_path / "study"
-    _write_dicom_series(image, folder, "1.2.826.0.1.3680043.8.498.10", series_number=2)
+    write_dicom_series(image, folder, "1.2.826.0.1.3680043.8.498.10", series_number=2)
     shifted = sitk.Cast(image + 100, sitk.sitkInt16)
     shifted.CopyInformation(image)
     writer_dir = tmp_path / "tmp_series"
-    _write_dicom_series(shifted, writer_dir, "1.2.826.0.1.3680043.8.498.11", series_number=5)
+    write_dicom_series(shifted, writer_dir, "1.2.826.0.1.3680043.8.498.11", series_number=5)
     for f in writer_dir.iterdir():
         shutil.move(str(f), folder / f"B_{f.name}")
     cases = find_cases(folder)
@@ -307,8 +241,8 @@ def test_folder_with_two_series_gives_two_cases_and_subfolders_are_scanned(tmp_p
     np.testing.assert_array_equal(second - first, 100)
 
     root = tmp_path / "root"
-    _write_dicom_series(image, root / "p1", "1.2.826.0.1.3680043.8.498.20")
-    _write_dicom_series(image, root / "p2", "1.2.826.0.1.3680043.8.498.21")
+    write_dicom_series(image, root / "p1", "1.2.826.0.1.3680043.8.498.20")
+    write_dicom_series(image, root / "p2", "1.2.826.0.1.3680043.8.498.21")
     assert [c.case_id for c in find_cases(root)] == ["p1", "p2"]
 
 
@@ -321,12 +255,12 @@ def test_unreadable_dicom(tmp_path):
     with pytest.raises(InputError, match=r"garbage: unreadable DICOM"):
         find_cases(garbage)
 
-    damaged = _write_dicom_series(image, tmp_path / "damaged", "1.2.826.0.1.3680043.8.498.30")
-    _truncate(damaged / "IM0004.dcm", damaged / "IM0004.dcm")  # GDCM would silently drop this slice
+    damaged = write_dicom_series(image, tmp_path / "damaged", "1.2.826.0.1.3680043.8.498.30")
+    truncate(damaged / "IM0004.dcm", damaged / "IM0004.dcm")  # GDCM would silently drop this slice
     with pytest.raises(InputError, match=r"damaged: unreadable DICOM.*IM0004.dcm"):
         find_cases(damaged)
 
-    gap = _write_dicom_series(image, tmp_path / "gap", "1.2.826.0.1.3680043.8.498.31")
+    gap = write_dicom_series(image, tmp_path / "gap", "1.2.826.0.1.3680043.8.498.31")
     (gap / "IM0003.dcm").unlink()  # a missing slice: ITK would stack the rest as if evenly spaced
     (case,) = find_cases(gap)
     with pytest.raises(InputError) as e:

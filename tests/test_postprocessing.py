@@ -21,6 +21,7 @@ from nnunet_samflare.inference.postprocessing import (
     remove_isolated_tumors,
     write_nnunet_postprocessing_pkl,
 )
+from nnunet_samflare.inference.roi import remove_small_components
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TUMOR_LABELS = sorted((DATA / "tumor_pseudohu" / "labelsTr").glob("*.nii.gz"))
@@ -369,3 +370,17 @@ def test_cli_postprocess_refuses_to_overwrite_inputs(tmp_path, capsys):
     assert samflare_main(["postprocess", "-i", str(tmp_path), "-o", str(tmp_path)]) == 2
     assert "overwrite" in capsys.readouterr().err
     assert _sha(tmp_path / "a.nii.gz") == before
+
+
+def test_thin_volumes_that_break_cc3d_boolean_path():
+    # cc3d 4.1.1 raises "maximum length exception" on this bool mask at 26-connectivity; our wrapper must not.
+    seg = np.array([[[2, 0, 2]]], dtype=np.uint8)
+    result = postprocess_flare(seg)
+    np.testing.assert_array_equal(result, [[[2, 0, 0]]])
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        shape = tuple(rng.integers(1, 6, 3))
+        seg = rng.integers(0, 15, shape).astype(np.uint8)
+        seg[rng.random(shape) < 0.6] = 0
+        postprocess_flare(seg)
+        remove_small_components(seg > 0, (3.0, 3.0, 3.0), 100.0)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if args.input is None:
         return 0
     pairs = _plan_outputs(args.input, args.output)
-    for src, dst in tqdm(pairs, desc="postprocess", unit="case", disable=len(pairs) < 2):
+    for src, dst in tqdm(pairs, desc="postprocess", unit="case", disable=None if len(pairs) > 1 else True):
         image = read_label_map(src)
         seg = sitk.GetArrayFromImage(image)
         result = sitk.GetImageFromArray(postprocess_flare(seg).astype(seg.dtype, copy=False))

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     o = p.add_argument_group("outputs")
     o.add_argument("--save_probabilities", action="store_true",
-                   help="also <case>.npz (class probabilities, float16, full size) and <case>.pkl like nnU-Net")
+                   help="also <case>.npz (class probabilities, float32, full size) and <case>.pkl like nnU-Net")
     o.add_argument("--continue_prediction", action="store_true",
                    help="skip cases whose outputs exist; redo half-written ones")
     o.add_argument("--stats", action="store_true", help="also <case>_stats.json: per-label volume (mL) and mean HU")

@@ -133,6 +133,10 @@ def predict(
     out_dir = output.parent if single_file_output else output
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [output if single_file_output else out_dir / case.output_name for case in cases]
+    inputs = {f.resolve() for case in cases for f in case.files}
+    for target in targets:
+        if target.resolve() in inputs:
+            raise InputError(target, "output would overwrite the input; choose another output folder")
     if continue_prediction:
         remove_stale_temporaries(out_dir)
     todo = [
@@ -146,11 +150,14 @@ def predict(
     predictor = predictor or build_predictor(**predictor_options)
     for case, _ in todo:
         check_num_channels(case, predictor.num_input_channels)
-    _write_model_files(predictor, out_dir)
     from tqdm import tqdm
 
-    for case, target in tqdm(todo, desc="samflare predict", unit="case", disable=not progress):
-        predict_case_to_files(predictor, case, target, save_probabilities, stats, preview)
+    # disable=None: a bar only on a terminal, so logs and error messages stay clean when redirected
+    with tqdm(todo, desc="samflare predict", unit="case", disable=None if progress else True) as bar:
+        for i, (case, target) in enumerate(bar):
+            predict_case_to_files(predictor, case, target, save_probabilities, stats, preview)
+            if i == 0:
+                _write_model_files(predictor, out_dir)
     return targets
 
 

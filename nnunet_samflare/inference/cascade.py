@@ -356,7 +356,7 @@ class CascadePredictor:
             if self.postprocess:
                 segmentation = postprocess_flare(segmentation)
             if probabilities is not None:
-                roi_probabilities = resize_nearest(probabilities, box_shape).half().numpy()
+                roi_probabilities = resize_nearest(probabilities, box_shape).numpy()
                 background = self._background_probabilities(full_shape)
                 probabilities = paste_roi(roi_probabilities, box, full_shape, fill=0)
                 outside = np.ones(full_shape, dtype=bool)
@@ -366,7 +366,7 @@ class CascadePredictor:
 
     def _background_probabilities(self, shape: Sequence[int]) -> np.ndarray:
         label_manager = self.segmenter.label_manager
-        probabilities = np.zeros((label_manager.num_segmentation_heads, *shape), dtype=np.float16)
+        probabilities = np.zeros((label_manager.num_segmentation_heads, *shape), dtype=np.float32)
         if not label_manager.has_regions:
             probabilities[0] = 1
         return probabilities

@@ -49,6 +49,12 @@ def _integer_labels(segmentation: np.ndarray) -> np.ndarray:
     return labels
 
 
+def _as_uint8(mask: np.ndarray) -> np.ndarray:
+    """cc3d 4.x mislabels some thin boolean volumes ("Label 2 cannot be mapped to union-find array of length 2"
+    for a (1, 1, 3) mask at 26-connectivity); its uint8 path is correct, and the view costs nothing."""
+    return np.ascontiguousarray(mask).view(np.uint8)
+
+
 def keep_largest_component_per_organ(
     segmentation: np.ndarray, organ_labels: Sequence[int] = ORGAN_LABELS, **kwargs
 ) -> np.ndarray:
@@ -68,7 +74,7 @@ def keep_largest_component_per_organ(
         if box is None:
             continue
         mask = labels[box] == organ
-        components, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        components, n = cc3d.connected_components(_as_uint8(mask), connectivity=26, return_N=True)
         if n <= 1:
             continue
         sizes = np.bincount(components.ravel(), minlength=n + 1)
@@ -99,7 +105,7 @@ def remove_isolated_tumors(segmentation: np.ndarray, tumor_label: int = TUMOR_LA
     labels = labels[box]
     tumor = labels == tumor_label
     dilated = ndimage.binary_dilation(tumor, structure=np.ones((3, 3, 3), dtype=bool), iterations=1)
-    components, n = cc3d.connected_components(dilated, connectivity=6, return_N=True)
+    components, n = cc3d.connected_components(_as_uint8(dilated), connectivity=6, return_N=True)
     # The label set under a component is exactly {0, tumor} iff it has some background and nothing that is
     # neither background nor tumor (every component holds tumor voxels by construction).
     has_background = np.zeros(n + 1, dtype=bool)

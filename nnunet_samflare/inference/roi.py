@@ -64,7 +64,9 @@ def remove_small_components(
     binary = np.ascontiguousarray(mask, dtype=bool)
     if min_voxels <= 1:
         return binary.copy()
-    return cc3d.dust(binary, threshold=min_voxels, connectivity=connectivity, in_place=False).astype(bool, copy=False)
+    # uint8, not bool: cc3d 4.x mislabels some thin boolean volumes (see postprocessing._as_uint8).
+    kept = cc3d.dust(binary.view(np.uint8), threshold=min_voxels, connectivity=connectivity, in_place=False)
+    return kept.astype(bool, copy=False)
 
 
 def bounding_box(mask: np.ndarray) -> Box | None:
