@@ -115,20 +115,32 @@ def peak_rss_mb() -> float:
 # -- running a command while sampling its memory ---------------------------------------------------------------
 
 
+def _visible_gpu(env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """The first GPU a child process sees (index or UUID; "0" by default), or (None, why none)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return "0", None
+    first = visible.split(",")[0].strip()
+    if not first or first.startswith("-"):
+        return None, f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    return first, None
+
+
 class NvmlGpu:
-    """Device-wide and per-process memory of the first visible NVIDIA GPU through NVML (``pynvml``)."""
+    """Device-wide and per-process memory of the first visible NVIDIA GPU through NVML (``pynvml``), polled."""
+
+    source = "NVML"
 
     def __init__(self, pynvml, handle, name: str):
         self._nvml, self._handle, self.name = pynvml, handle, name
+        self._peak: float | None = None
+        self._peak_own: float | None = None
 
     @classmethod
-    def open(cls, env: Mapping[str, str] | None = None) -> tuple[NvmlGpu | None, str | None]:
-        """``(sampler, None)`` or ``(None, why there will be no GPU figures)``; never raises."""
-        env = os.environ if env is None else env
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        first = None if visible is None else visible.split(",")[0].strip()
-        if first is not None and (not first or first.startswith("-")):
-            return None, f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    def open(cls, env: Mapping[str, str]) -> tuple[NvmlGpu | None, str | None]:
+        device, why = _visible_gpu(env)
+        if device is None:
+            return None, why
         try:
             import pynvml
         except ImportError:
@@ -138,38 +150,163 @@ class NvmlGpu:
         except Exception as e:  # NVMLError and driver-library load failures
             return None, f"NVML unavailable ({e})"
         try:
-            if first is None or first.isdigit():
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(first or 0))
+            if device.isdigit():
+                handle = pynvml.nvmlDeviceGetHandleByIndex(int(device))
             else:
-                handle = pynvml.nvmlDeviceGetHandleByUUID(first)
+                handle = pynvml.nvmlDeviceGetHandleByUUID(device)
             name = pynvml.nvmlDeviceGetName(handle)
         except Exception as e:
             pynvml.nvmlShutdown()
-            return None, f"GPU {first!r} not found through NVML ({e})"
+            return None, f"GPU {device!r} not found through NVML ({e})"
         return cls(pynvml, handle, name.decode() if isinstance(name, bytes) else name), None
 
     def used_mb(self) -> float:
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / MIB
 
-    def own_mb(self, pids: set[int]) -> float | None:
-        """GPU memory NVML accounts to ``pids`` (None where per-process accounting is unsupported)."""
+    def begin(self) -> None:
+        self._peak = self._peak_own = None
+
+    def poll(self, pids: set[int]) -> None:
+        try:
+            used = self.used_mb()
+        except Exception:
+            return
+        self._peak = used if self._peak is None else max(self._peak, used)
         try:
             processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-        except Exception:
-            return None
-        total = 0.0
+        except Exception:  # per-process accounting is not supported everywhere
+            return
+        own = 0.0
         for process in processes:
             if process.pid in pids:
                 if process.usedGpuMemory is None:
-                    return None
-                total += process.usedGpuMemory / MIB
-        return total
+                    return
+                own += process.usedGpuMemory / MIB
+        self._peak_own = own if self._peak_own is None else max(self._peak_own, own)
+
+    def end(self) -> tuple[float | None, float | None]:
+        return self._peak, self._peak_own
 
     def close(self) -> None:
         try:
             self._nvml.nvmlShutdown()
         except Exception:
             pass
+
+
+class SmiGpu:
+    """Fallback without pynvml: device-wide memory from ``nvidia-smi -lms 100`` streaming during the run."""
+
+    source = "nvidia-smi"
+
+    def __init__(self, device: str, name: str):
+        self.device, self.name = device, name
+        self._stream: subprocess.Popen | None = None
+        self._samples: list[float] = []
+        self._reader = None
+
+    def _query(self) -> list[str]:
+        return ["nvidia-smi", "-i", self.device, "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+
+    @classmethod
+    def open(cls, env: Mapping[str, str]) -> tuple[SmiGpu | None, str | None]:
+        import shutil
+
+        device, why = _visible_gpu(env)
+        if device is None:
+            return None, why
+        if shutil.which("nvidia-smi") is None:
+            return None, "neither pynvml nor nvidia-smi is available"
+        try:
+            name = subprocess.run(
+                ["nvidia-smi", "-i", device, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30, check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError) as e:
+            return None, f"nvidia-smi failed ({e})"
+        return cls(device, name), None
+
+    def used_mb(self) -> float:
+        out = subprocess.run(self._query(), capture_output=True, text=True, timeout=30, check=True).stdout
+        return float(out.split()[0])  # MiB
+
+    def begin(self) -> None:
+        import threading
+
+        self._samples = []
+        self._stream = subprocess.Popen([*self._query(), "-lms", "100"], stdout=subprocess.PIPE, text=True)
+
+        def read(stream=self._stream):
+            for line in stream.stdout:
+                try:
+                    self._samples.append(float(line.split()[0]))
+                except (ValueError, IndexError):
+                    pass
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
+    def poll(self, pids: set[int]) -> None:
+        pass
+
+    def end(self) -> tuple[float | None, float | None]:
+        if self._stream is not None:
+            self._stream.terminate()
+            self._stream.wait()
+            self._reader.join(timeout=5)
+            self._stream = None
+        return (max(self._samples) if self._samples else None), None
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self.end()
+
+
+def open_gpu(env: Mapping[str, str]):
+    """A GPU memory sampler (NVML, else nvidia-smi) and a note on what is missing; never raises."""
+    device, why = _visible_gpu(env)
+    if device is None:
+        return None, why
+    gpu, why = NvmlGpu.open(env)
+    if gpu is not None:
+        return gpu, None
+    fallback, why_not = SmiGpu.open(env)
+    if fallback is not None:
+        return fallback, f"{why}; device-wide memory from nvidia-smi, no per-process figure"
+    return None, f"{why}; {why_not}"
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants, from ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree = [pid]
+    for member in tree:
+        tree.extend(children.get(member, []))
+    return tree
+
+
+def rss_pss_mb(pid: int) -> tuple[float, float]:
+    """RSS and PSS of one process (MiB) from ``/proc/<pid>/smaps_rollup``; (0, 0) if it is gone."""
+    rss = pss = 0.0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) / 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return rss, pss
 
 
 def run_sampled(
@@ -179,22 +316,30 @@ def run_sampled(
     log_file: Path,
     timeout: float | None = None,
     interval: float = 0.1,
-    gpu: NvmlGpu | None = None,
+    gpu=None,
 ) -> dict[str, Any]:
     """Run ``command`` (own session, output to ``log_file``) to the end, sampling memory every ``interval`` s.
 
     Host memory, three ways: the peak over samples of the process tree's summed **PSS** (shared pages counted
     once, split between the processes sharing them: the honest total when a tool forks or spawns workers), the
     same with RSS (what ``top`` adds up; forked children count their copy-on-write pages again), and the kernel's
-    exact ``ru_maxrss`` of the largest single process in the tree (``wait4``). GPU (with ``gpu``): peak
-    device-wide use above the level just before the start, and the peak NVML attributes to the tree.
-    A run past ``timeout`` seconds has its whole process group killed and is reported as timed out.
+    exact ``ru_maxrss`` of the largest single process in the tree (``wait4``). GPU (``gpu`` from
+    :func:`open_gpu`): peak device-wide use above the level just before the start, and the peak NVML accounts
+    to the tree. A run past ``timeout`` seconds has its process group killed and is reported as timed out.
+    Linux only (``/proc``).
     """
     import signal
 
     record: dict[str, Any] = {"command": [str(c) for c in command], "exit_code": None, "timed_out": False}
-    peaks = {"pss": 0.0, "rss": 0.0, "gpu": None, "gpu_own": None}
-    gpu_baseline = gpu.used_mb() if gpu is not None else None
+    peaks = {"pss": 0.0, "rss": 0.0}
+    gpu_baseline = None
+    if gpu is not None:
+        try:
+            gpu_baseline = gpu.used_mb()
+            gpu.begin()
+        except Exception as e:
+            record["gpu_error"] = str(e)
+            gpu = None
     log_file.parent.mkdir(parents=True, exist_ok=True)
     samples = 0
     with open(log_file, "wb") as log:
@@ -216,7 +361,12 @@ def run_sampled(
                     record["timed_out"] = True
                     break
                 samples += 1
-                _sample_tree(process.pid, peaks, gpu)
+                tree = process_tree(process.pid)
+                memory = [rss_pss_mb(p) for p in tree]
+                peaks["rss"] = max(peaks["rss"], sum(m[0] for m in memory))
+                peaks["pss"] = max(peaks["pss"], sum(m[1] for m in memory))
+                if gpu is not None:
+                    gpu.poll(set(tree))
                 time.sleep(interval)
         except BaseException:  # interrupted: leave no orphaned process group behind
             try:
@@ -225,16 +375,19 @@ def run_sampled(
             except (ProcessLookupError, ChildProcessError):
                 pass
             raise
+        finally:
+            gpu_peak, gpu_own = gpu.end() if gpu is not None else (None, None)
     process.returncode = os.waitstatus_to_exitcode(status)
     record.update(
         exit_code=process.returncode,
         wall_s=elapsed,
         peak_pss_tree_MB=peaks["pss"] or None,
         peak_rss_tree_MB=peaks["rss"] or None,
-        max_rss_single_process_MB=usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / MIB,
+        max_rss_single_process_MB=usage.ru_maxrss / 1024,
+        gpu_memory_source=None if gpu is None else gpu.source,
         gpu_baseline_MB=gpu_baseline,
-        gpu_peak_above_baseline_MB=None if peaks["gpu"] is None else peaks["gpu"] - gpu_baseline,
-        gpu_peak_own_MB=peaks["gpu_own"],
+        gpu_peak_above_baseline_MB=None if gpu_peak is None else gpu_peak - gpu_baseline,
+        gpu_peak_own_MB=gpu_own,
         samples=samples,
         log=str(log_file),
     )
@@ -243,35 +396,6 @@ def run_sampled(
     elif record["exit_code"] != 0:
         record["error"] = f"exit code {record['exit_code']}"
     return record
-
-
-def _sample_tree(pid: int, peaks: dict, gpu: NvmlGpu | None) -> None:
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return
-    pss = rss = 0
-    for member in tree:
-        try:
-            info = member.memory_full_info()
-        except psutil.Error:
-            continue
-        rss += info.rss
-        pss += getattr(info, "pss", info.rss)
-    peaks["pss"] = max(peaks["pss"], pss / MIB)
-    peaks["rss"] = max(peaks["rss"], rss / MIB)
-    if gpu is not None:
-        try:
-            used = gpu.used_mb()
-            own = gpu.own_mb({m.pid for m in tree})
-        except Exception:
-            return
-        peaks["gpu"] = used if peaks["gpu"] is None else max(peaks["gpu"], used)
-        if own is not None:
-            peaks["gpu_own"] = own if peaks["gpu_own"] is None else max(peaks["gpu_own"], own)
 
 
 # -- environment description ------------------------------------------------------------------------------------
@@ -326,6 +450,7 @@ def environment_info(device: str) -> dict[str, Any]:
         "nnunet_samflare": version("nnunet_samflare"),
         "git_revision": _git_revision(),
         "platform": platform.platform(),
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device == "cuda" and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(0)
@@ -333,6 +458,24 @@ def environment_info(device: str) -> dict[str, Any]:
         info["cudnn"] = torch.backends.cudnn.version()
         info["gpu_memory_MB"] = round(torch.cuda.get_device_properties(0).total_memory / MIB)
     return info
+
+
+def busy_warning(threshold: float = 0.5) -> str | None:
+    """A warning if the machine is already busy (1-minute load average above ``threshold``), else None.
+
+    On a 2-core machine any other CPU-bound job makes OpenMP threads wait for each other: small kernels then
+    slow down by 10-100x and the numbers mean nothing.
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load <= threshold:
+        return None
+    return (
+        f"WARNING: 1-minute load average {load:.2f} on {os.cpu_count()} cores before the start: something else "
+        "is running, so these numbers are not a measurement of this code"
+    )
 
 
 def describe_environment(info: Mapping[str, Any]) -> str:

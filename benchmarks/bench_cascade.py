@@ -521,13 +521,15 @@ def nnunet_worker(spec: dict, out_file: Path) -> None:
 
 def sampled_run(name: str, command: list[str], env: dict, workdir: Path, timeout: float | None) -> dict[str, Any]:
     """Run a command to the end: wall time, host memory of its process tree, GPU memory through NVML."""
-    gpu, gpu_note = lib.NvmlGpu.open(env)
+    gpu, gpu_note = lib.open_gpu(env)
     print(f"[run] {name} ...", flush=True)
+    load_before = list(os.getloadavg())
     try:
         record = lib.run_sampled(command, env=env, log_file=workdir / "logs" / f"{name}.log", timeout=timeout, gpu=gpu)
     finally:
         if gpu is not None:
             gpu.close()
+    record["load_average_before"] = load_before
     record["gpu"] = gpu.name if gpu is not None else None
     record["gpu_note"] = gpu_note
     print(f"[run] {name}: {record['wall_s']:.1f} s ({record.get('error') or 'ok'})", flush=True)
@@ -763,7 +765,7 @@ def report(columns: dict[str, dict], runs: dict, prepared: dict, args) -> str:
     lines.append(
         "Times in s. Host RAM: peak of the process tree's summed PSS, sampled every 0.1 s (shared pages counted "
         "once); largest process RSS: the kernel's ru_maxrss."
-        + (" GPU device-wide: NVML, above the level before the run." if args.device == "cuda" else "")
+        + (" GPU device-wide: NVML (or nvidia-smi), above the level before the run." if args.device == "cuda" else "")
     )
     notes = {r.get("gpu_note") for r in runs.values() if r.get("gpu_note")}
     if args.device == "cuda" and notes:
@@ -847,12 +849,15 @@ def main(argv=None) -> int:
     # Set before anything imports nnunetv2 (nnunetv2.paths reads them once).
     os.environ.update({k: v for k, v in lib.nnunet_env(workdir).items() if k.startswith("nnUNet_")})
     start = time.perf_counter()
+    busy = lib.busy_warning()
+    if busy:
+        print(busy, flush=True)
     try:
         prepared = prepare(args, workdir)
         prepared["gt_box_mm_zyx"] = ground_truth_box_mm(prepared["label"])
         runs = run_all(args, workdir, prepared)
         columns = summarize(runs)
-        table = report(columns, runs, prepared, args)
+        table = report(columns, runs, prepared, args) + (f"\n{busy}" if busy else "")
         info = lib.environment_info(args.device)  # after the runs: CUDA is never initialised in this process before
         print()
         print(lib.describe_environment(info))

@@ -598,6 +598,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
 
         samflare_plans = derive_samflare_plans(nnunet_plans)
 
+    busy = lib.busy_warning()
+    if busy:
+        print(busy, flush=True)
     specs = build_specs(args, nnunet_plans, dataset_json, samflare_plans)
     options = {"device": args.device, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
     info = lib.environment_info(args.device)
@@ -608,6 +611,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
     records = []
     for spec in specs:
         record: dict[str, Any] = {"spec": asdict(spec), **complexity(spec), "measurements": {}}
+        record["load_average_before"] = list(os.getloadavg())
         for mode in args.modes:
             print(f"measuring {spec.label} {mode} ...", flush=True)
             result = measure(spec, mode, options, scratch, args.timeout)
@@ -623,6 +627,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         records.append(record)
 
     table = report(records, args.device)
+    if busy:
+        table += "\n" + busy
     print()
     print(table)
     if args.json:

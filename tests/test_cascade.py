@@ -246,3 +246,23 @@ def test_inputs_are_never_modified(predictor, tmp_path, ct, capsys):
     with pytest.raises(ValueError, match="would overwrite the input"):
         predict(path, path, predictor=predictor, progress=False)
     assert path.read_bytes() == before
+
+
+def test_profile_runs_predict_per_case_in_fresh_processes(trained_models, tmp_path, ct):
+    """FLARE protocol on CPU: one process per case, time and RAM measured, GPU figures declared absent."""
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(ct, str(images / "a_0000.nii.gz"))
+    sitk.WriteImage(ct[:, :, :20], str(images / "b_0000.nii.gz"))
+    trained_models.run([command("samflare"), "profile", "-i", str(images), "-o", str(tmp_path / "out"), *MODELS])
+    report = read_json(tmp_path / "out" / "profile.json")
+    assert [case["case"] for case in report["cases"]] == ["a", "b"]
+    for case in report["cases"]:
+        assert case["exit_code"] == 0
+        assert case["time_s"] > 1.0  # start-up, imports and model loading are inside the measurement
+        assert case["MaxRAM_MB"] > 100
+        assert case["MaxGPU_MB"] is None and case["AUC_GPU_Time_MBs"] is None
+        assert (tmp_path / "out" / f"{case['case']}.nii.gz").is_file()
+        assert (tmp_path / "out" / f"profile_{case['case']}.png").is_file()
+    assert "GPU figures absent" in report["settings"]["gpu_note"]
+    assert (tmp_path / "out" / "profile.csv").is_file()

@@ -112,3 +112,28 @@ def test_stock_nnunet_predict_writes_label_map_in_input_geometry(
     np.testing.assert_allclose(prediction.GetOrigin(), image.GetOrigin())
     np.testing.assert_allclose(prediction.GetDirection(), image.GetDirection())
     assert set(np.unique(sitk.GetArrayFromImage(prediction)).tolist()) <= allowed_labels
+
+
+def test_plan_from_resenc_plans_builds_both_networks(planned_dataset):
+    """samflare plan also derives from nnU-Net's residual-encoder plans; the trainers build from the result."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_samflare.training.trainers import nnUNetTrainer_SAMFlareSegmenter
+
+    planned_dataset.run([command("nnUNetv2_plan_experiment"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM"])
+    planned_dataset.run([command("samflare"), "plan", "-d", str(DATASET_ID), "-p", "nnUNetResEncUNetMPlans",
+                         "-o", "samflareResEncMPlans"])
+    folder = planned_dataset.preprocessed / DATASET_NAME
+    plans = read_json(folder / "samflareResEncMPlans.json")
+    source = read_json(folder / "nnUNetResEncUNetMPlans.json")
+    assert plans["plans_name"] == "samflareResEncMPlans"
+    assert plans["configurations"]["3d_fullres"] == source["configurations"]["3d_fullres"]
+    manager = PlansManager(plans)
+    for name, n_parameters in (("3d_locator", 1_383_746), ("3d_segmenter", 35_844_525)):
+        configuration = manager.get_configuration(name)
+        assert configuration.data_identifier == f"samflareResEncMPlans_{name}"
+        assert configuration.normalization_schemes == ["CTNormalization"]  # inherited from 3d_fullres
+        network = nnUNetTrainer_SAMFlareSegmenter.build_network_architecture(
+            manager, configuration, 1, 2 if name == "3d_locator" else 15, False
+        )
+        assert sum(p.numel() for p in network.parameters()) == n_parameters

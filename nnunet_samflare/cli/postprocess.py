@@ -28,59 +28,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, _parser=parser)
 
 
-def _plan_outputs(input_path, output_path):
-    """(input file, output file) pairs; refuses to write over the inputs."""
-    from pathlib import Path
-
-    from nnunet_samflare.inference.io import InputError, image_ending, list_image_files
-
-    src, dst = Path(input_path), Path(output_path)
-    if not src.exists():
-        raise InputError(src, "no such file or folder")
-    if src.is_file():
-        if image_ending(src) is None:
-            raise InputError(src, "unsupported file type (expected .nii.gz, .nii, .mha or .nrrd)")
-        target = dst if image_ending(dst) is not None and not dst.is_dir() else dst / src.name
-        pairs = [(src, target)]
-    else:
-        files = list_image_files(src)
-        if not files:
-            raise InputError(src, "no label maps found (.nii.gz, .nii, .mha or .nrrd)")
-        if dst.exists() and not dst.is_dir():
-            raise InputError(dst, "output must be a folder when the input is a folder")
-        pairs = [(f, dst / f.name) for f in files]
-    for f, out in pairs:
-        if out.resolve() == f.resolve():
-            raise InputError(f, "output would overwrite the input; choose another output folder")
-    return pairs
-
-
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     if args.input is None and args.output is None and args.write_nnunet_pkl is None:
         args._parser.error("give -i and -o, --write-nnunet-pkl, or both")
     if (args.input is None) != (args.output is None):
         args._parser.error("-i and -o go together")
 
-    import SimpleITK as sitk
-    from tqdm import tqdm
-
-    from nnunet_samflare.inference.io import read_label_map, write_image_atomic
-    from nnunet_samflare.inference.postprocessing import postprocess_flare, write_nnunet_postprocessing_pkl
+    from nnunet_samflare.inference.postprocessing import postprocess_label_maps, write_nnunet_postprocessing_pkl
 
     if args.write_nnunet_pkl is not None:
-        pkl = write_nnunet_postprocessing_pkl(args.write_nnunet_pkl)
-        print(f"wrote {pkl}")
-
-    if args.input is None:
-        return 0
-    pairs = _plan_outputs(args.input, args.output)
-    for src, dst in tqdm(pairs, desc="postprocess", unit="case", disable=None if len(pairs) > 1 else True):
-        image = read_label_map(src)
-        seg = sitk.GetArrayFromImage(image)
-        result = sitk.GetImageFromArray(postprocess_flare(seg).astype(seg.dtype, copy=False))
-        result.CopyInformation(image)  # spacing, origin, direction: exactly those of the input
-        write_image_atomic(result, dst)
-    print(f"post-processed {len(pairs)} label map(s) into {Path(args.output)}")
+        print(f"wrote {write_nnunet_postprocessing_pkl(args.write_nnunet_pkl)}")
+    if args.input is not None:
+        written = postprocess_label_maps(args.input, args.output)
+        print(f"post-processed {len(written)} label map(s) into {args.output}")
     return 0

@@ -46,22 +46,22 @@ LABEL_FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nrrd", ".gipl", ".tiff", ".n
 METRIC_NAMES = ("DSC", "NSD")
 
 
-def case_name(path: Path) -> str | None:
+def case_name(path: Path, endings: Sequence[str] = LABEL_FILE_ENDINGS) -> str | None:
     """The case id of a label file (its name without the ending), or None for files that are not images."""
-    for ending in LABEL_FILE_ENDINGS:
+    for ending in endings:
         if path.name.endswith(ending) and len(path.name) > len(ending):
             return path.name[: -len(ending)]
     return None
 
 
-def find_label_files(folder: str | Path) -> dict[str, Path]:
-    """``{case: file}`` for every label map in ``folder`` (not recursive)."""
+def find_label_files(folder: str | Path, endings: Sequence[str] = LABEL_FILE_ENDINGS) -> dict[str, Path]:
+    """``{case: file}`` for every label map in ``folder`` (not recursive) with one of ``endings``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such directory")
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        name = case_name(path) if path.is_file() else None
+        name = case_name(path, endings) if path.is_file() else None
         if name is None:
             continue
         if name in files:
@@ -254,7 +254,9 @@ def evaluate_folders(
     references = find_label_files(ref_dir)
     if not references:
         raise ValueError(f"{ref_dir}: no label maps ({', '.join(LABEL_FILE_ENDINGS)})")
-    predictions = find_label_files(pred_dir)
+    # Only files in the references' own format(s) are predictions: samflare predict also writes *_preview.png.
+    reference_endings = {path.name[len(case) :] for case, path in references.items()}
+    predictions = find_label_files(pred_dir, tuple(e for e in LABEL_FILE_ENDINGS if e in reference_endings))
     missing = [c for c in references if c not in predictions]
     if missing and on_missing == "error":
         raise FileNotFoundError(f"{pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing)}")

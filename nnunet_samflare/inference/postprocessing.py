@@ -27,7 +27,14 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
-from nnunet_samflare.inference.io import atomic_output
+from nnunet_samflare.inference.io import (
+    InputError,
+    atomic_output,
+    image_ending,
+    list_image_files,
+    read_label_map,
+    write_image_atomic,
+)
 from nnunet_samflare.labels import ORGAN_LABELS, TUMOR_LABEL
 
 
@@ -141,3 +148,42 @@ def write_nnunet_postprocessing_pkl(path: str | os.PathLike) -> Path:
         with open(tmp, "wb") as f:
             pickle.dump(nnunet_postprocessing_steps(), f)
     return path
+
+
+def _label_map_pairs(input_path: Path, output_path: Path) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs; refuses to write over the inputs."""
+    if not input_path.exists():
+        raise InputError(input_path, "no such file or folder")
+    if input_path.is_file():
+        if image_ending(input_path) is None:
+            raise InputError(input_path, "unsupported file type (expected .nii.gz, .nii, .mha or .nrrd)")
+        single = image_ending(output_path) is not None and not output_path.is_dir()
+        pairs = [(input_path, output_path if single else output_path / input_path.name)]
+    else:
+        files = list_image_files(input_path)
+        if not files:
+            raise InputError(input_path, "no label maps found (.nii.gz, .nii, .mha or .nrrd)")
+        if output_path.exists() and not output_path.is_dir():
+            raise InputError(output_path, "output must be a folder when the input is a folder")
+        pairs = [(f, output_path / f.name) for f in files]
+    for src, dst in pairs:
+        if dst.resolve() == src.resolve():
+            raise InputError(src, "output would overwrite the input; choose another output folder")
+    return pairs
+
+
+def postprocess_label_maps(input_path: str | os.PathLike, output_path: str | os.PathLike) -> list[Path]:
+    """:func:`postprocess_flare` on one label map file or every one of a folder. Outputs keep the input's name,
+    format and geometry and are written atomically."""
+    import SimpleITK as sitk
+    from tqdm import tqdm
+
+    pairs = _label_map_pairs(Path(input_path), Path(output_path))
+    for src, dst in tqdm(pairs, desc="postprocess", unit="case", disable=None if len(pairs) > 1 else True):
+        image = read_label_map(src)
+        seg = sitk.GetArrayFromImage(image)
+        result = sitk.GetImageFromArray(postprocess_flare(seg).astype(seg.dtype, copy=False))
+        result.CopyInformation(image)  # spacing, origin, direction: exactly those of the input
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        write_image_atomic(result, dst)
+    return [dst for _, dst in pairs]
