@@ -81,10 +81,12 @@ def nnunet_env(
 
 def run_checked(args: Sequence[str], env: Mapping[str, str], *, log: Path | None = None, timeout: float | None = None):
     """Run a preparation command; raise with the end of its output if it fails."""
-    result = subprocess.run(list(args), env=dict(env), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        list(args), env=dict(env), capture_output=True, encoding="utf-8", errors="replace", timeout=timeout
+    )
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
+        with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {shlex.join(args)}\n{result.stdout}\n{result.stderr}\n")
     if result.returncode != 0:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -220,7 +222,10 @@ class SmiGpu:
         try:
             name = subprocess.run(
                 ["nvidia-smi", "-i", device, "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=30, check=True,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
             ).stdout.strip()
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"nvidia-smi failed ({e})"
@@ -345,7 +350,11 @@ def run_sampled(
     with open(log_file, "wb") as log:
         start = time.perf_counter()
         process = subprocess.Popen(
-            record["command"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env),
+            record["command"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
             start_new_session=True,
         )
         try:
@@ -527,9 +536,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     """A Markdown pipe table with aligned columns (paste-ready for BENCHMARKS.md)."""
     cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [
-        all(_looks_numeric(row[i]) for row in cells[1:]) and len(cells) > 1 for i in range(len(headers))
-    ]
+    numeric = [all(_looks_numeric(row[i]) for row in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
 
     def line(row: Sequence[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric)) + " |"
@@ -553,7 +560,7 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 

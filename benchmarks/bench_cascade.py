@@ -118,7 +118,7 @@ def make_dataset(args, raw_root: Path) -> dict[str, Any]:
     import SimpleITK as sitk
 
     source = args.data
-    dataset_json = json.loads((source / "dataset.json").read_text())
+    dataset_json = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
     folder = raw_root / dataset_name(args.dataset_id)
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,7 @@ def make_dataset(args, raw_root: Path) -> dict[str, Any]:
         f"{args.case} and {args.second_case} of {source} resampled with SimpleITK (linear image, nearest labels) "
         f"to {'x'.join(map(str, args.size))} voxels over the same physical extent; for benchmarks only."
     )
-    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
     return description
 
 
@@ -166,7 +166,7 @@ def prepare(args, workdir: Path) -> dict[str, Any]:
     marker = workdir / "prepared.json"
     config = preparation_config(args)
     if args.reuse and marker.is_file():
-        previous = json.loads(marker.read_text())
+        previous = json.loads(marker.read_text(encoding="utf-8"))
         if previous.get("config") == config:
             print(f"reusing the prepared dataset and models in {workdir}", flush=True)
             return previous
@@ -242,7 +242,7 @@ def prepare(args, workdir: Path) -> dict[str, Any]:
         "data": data,
         "input": str(input_dir / image.name),
         "label": str(image.parent.parent / "labelsTr" / f"{CASE_ID}.nii.gz"),
-        "models": json.loads(models_file.read_text()),
+        "models": json.loads(models_file.read_text(encoding="utf-8")),
         "preparation_s": timings,
     }
     lib.write_json(marker, prepared)
@@ -315,7 +315,7 @@ def make_models_worker(config: dict, out_file: Path) -> None:
             "inference_allowed_mirroring_axes": trainer.inference_allowed_mirroring_axes,
             **info,
         }
-    out_file.write_text(json.dumps(models, indent=2, default=list))
+    out_file.write_text(json.dumps(models, indent=2, default=list), encoding="utf-8")
 
 
 def calibrate_locator(trainer, config: dict) -> dict[str, Any]:
@@ -448,7 +448,7 @@ def samflare_worker(spec: dict, out_file: Path) -> None:
     elif prediction is not None:
         result["box_zyx"] = None
         result["warning"] = "the locator found no foreground: the segmenter did not run"
-    Path(out_file).write_text(json.dumps(result, default=list))
+    Path(out_file).write_text(json.dumps(result, default=list), encoding="utf-8")
 
 
 def nnunet_worker(spec: dict, out_file: Path) -> None:
@@ -511,7 +511,7 @@ def nnunet_worker(spec: dict, out_file: Path) -> None:
         "forward_passes": None if n_tiles is None else n_tiles * mirrors,
         **_cuda_peaks(device),
     }
-    Path(out_file).write_text(json.dumps(result, default=list))
+    Path(out_file).write_text(json.dumps(result, default=list), encoding="utf-8")
 
 
 # ================================================================================================================
@@ -543,7 +543,7 @@ def run_worker(name: str, kind: str, spec: dict, env: dict, workdir: Path, timeo
     command = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind, json.dumps(spec), str(result_file)]
     record = sampled_run(name, command, env, workdir, timeout)
     if record.get("exit_code") == 0 and result_file.is_file():
-        record["result"] = json.loads(result_file.read_text())
+        record["result"] = json.loads(result_file.read_text(encoding="utf-8"))
     return record
 
 

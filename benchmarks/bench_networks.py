@@ -118,7 +118,7 @@ def resolve_plans_path(path: Path) -> Path:
 
 
 def load_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def build_specs(args, nnunet_plans: dict, dataset_json: dict, samflare_plans: dict) -> list[NetworkSpec]:
@@ -280,7 +280,7 @@ def worker(spec_file: Path, mode: str, result_file: Path) -> None:
     """One measurement in this (fresh) process; writes its result as JSON."""
     import torch
 
-    payload = json.loads(spec_file.read_text())
+    payload = json.loads(spec_file.read_text(encoding="utf-8"))
     spec = NetworkSpec(**payload["spec"])
     options = payload["options"]
     device = torch.device(options["device"])
@@ -375,7 +375,7 @@ def worker(spec_file: Path, mode: str, result_file: Path) -> None:
     else:
         result["peak_MB"] = result["peak_rss_delta_MB"]
         result["peak_kind"] = "peak RSS minus RSS after imports, model, inputs and optimizer construction"
-    result_file.write_text(json.dumps(result))
+    result_file.write_text(json.dumps(result), encoding="utf-8")
 
 
 class _null_context:
@@ -390,19 +390,19 @@ def measure(spec: NetworkSpec, mode: str, options: dict, scratch: Path, timeout:
     """Run :func:`worker` in a fresh interpreter; failures and timeouts come back as ``{"error": ...}``."""
     spec_file = scratch / f"{spec.name}_{mode}.spec.json"
     result_file = scratch / f"{spec.name}_{mode}.result.json"
-    spec_file.write_text(json.dumps({"spec": asdict(spec), "options": options}))
+    spec_file.write_text(json.dumps({"spec": asdict(spec), "options": options}), encoding="utf-8")
     result_file.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_file), mode, str(result_file)]
     start = time.perf_counter()
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        completed = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"mode": mode, "error": f"timed out after {timeout:g} s"}
     wall = time.perf_counter() - start
     if completed.returncode != 0 or not result_file.is_file():
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
         return {"mode": mode, "error": f"exit code {completed.returncode}: {tail[0][:200]}"}
-    result = json.loads(result_file.read_text())
+    result = json.loads(result_file.read_text(encoding="utf-8"))
     result["process_wall_s"] = wall
     return result
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nnunet-samflare workflow on the real CT of ../shared/data/flare_like, sized for a CPU (~6 min on
+# The whole nnunet-samflare workflow on the real CT of ../shared/data/flare_like, sized for a CPU (~4 min on
 # 2 cores): stock nnU-Net planning → samflare plan → preprocessing → training both phases (1-epoch debug
 # trainers) → samflare predict (cascade, with stats and previews) → samflare evaluate (FLARE DSC/NSD).
 #

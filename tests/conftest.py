@@ -154,4 +154,4 @@ def trained_models(planned_dataset: NnUNetFolders) -> NnUNetFolders:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))

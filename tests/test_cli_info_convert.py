@@ -20,7 +20,7 @@ def authors_locator_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random tensors with the authors' phase-1 names and shapes (from the spec TSV)."""
     g = torch.Generator().manual_seed(seed)
     out, section = {}, None
-    for line in SPEC_TSV.read_text().splitlines():
+    for line in SPEC_TSV.read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
             section = line[1:].split()[0]
         elif line.strip() and section == "phase1":

@@ -32,7 +32,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def python(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300
+    )
 
 
 def test_autoregistration_sets_the_variable_at_startup():
@@ -85,8 +87,15 @@ def test_ddp_children_find_the_trainer(tmp_path):
         """
     )
     script = tmp_path / "ddp_lookup.py"  # spawn re-imports __main__, so it must be a file
-    script.write_text(code)
-    result = subprocess.run([sys.executable, str(script)], env=clean_env(), capture_output=True, text=True, timeout=300)
+    script.write_text(code, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script)],
+        env=clean_env(),
+        capture_output=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank")) == [
         "rank 0 nnunet_samflare.training.trainers",

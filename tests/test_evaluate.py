@@ -102,8 +102,8 @@ def test_metrics_json_is_the_result_and_written_atomically(toy, tmp_path):
     ref, pred = toy
     out = tmp_path / "out" / "metrics.json"
     result = evaluate_folders(ref, pred, labels=LABELS, output_file=out)
-    assert json.loads(out.read_text()) == result
-    assert json.loads(out.read_text())["cases"]["C"]["5"] is None  # null in JSON
+    assert json.loads(out.read_text(encoding="utf-8")) == result
+    assert json.loads(out.read_text(encoding="utf-8"))["cases"]["C"]["5"] is None  # null in JSON
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temporary left behind
 
 
@@ -222,7 +222,7 @@ def test_cli_writes_metrics_and_plot(toy, tmp_path, capsys):
         )
         == 0
     )
-    data = json.loads(out.read_text())
+    data = json.loads(out.read_text(encoding="utf-8"))
     assert data["summary"]["settings"]["labels"] == [1, 5, 14]
     assert data["summary"]["settings"]["nsd_cutoff"] == 0.1
     assert data["summary"]["settings"]["official_slab_quirk"] is False
@@ -233,7 +233,7 @@ def test_cli_writes_metrics_and_plot(toy, tmp_path, capsys):
 def test_cli_default_labels_and_output(toy):
     ref, pred = toy
     assert main(["evaluate", str(ref), str(pred), "--labels", "1..14"]) == 0
-    assert len(json.loads((pred / "metrics.json").read_text())["cases"]["A"]) == 14
+    assert len(json.loads((pred / "metrics.json").read_text(encoding="utf-8"))["cases"]["A"]) == 14
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):

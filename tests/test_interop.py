@@ -33,7 +33,7 @@ def reference_shapes(phase: str) -> dict[str, tuple[int, ...]]:
         raise FileNotFoundError(f"{SPEC_TSV} is missing: the tests expect ../shared/spec beside the repository")
     shapes: dict[str, tuple[int, ...]] = {}
     section = None
-    for line in SPEC_TSV.read_text().splitlines():
+    for line in SPEC_TSV.read_text(encoding="utf-8").splitlines():
         if line.startswith("#"):
             section = line[1:].split()[0]
             continue

@@ -55,7 +55,7 @@ def test_find_cases_in_an_image_folder(tmp_path):
     img = _small_image()
     for name in ["a_0000.nii.gz", "b.mha", "c_0000.nrrd", "c_0001.nrrd", "d.nii", "liver_0007.nii.gz"]:
         _write(img, tmp_path / name)
-    (tmp_path / "notes.json").write_text("{}")
+    (tmp_path / "notes.json").write_text("{}", encoding="utf-8")
     _write(img, tmp_path / f"{TEMP_PREFIX}123-e.nii.gz")  # a killed run's leftover: not a case
     cases = {c.case_id: c for c in find_cases(tmp_path)}
     assert sorted(cases) == ["a", "b", "c", "d", "liver_0007"]
@@ -332,7 +332,7 @@ def test_remove_stale_temporaries_and_json(tmp_path):
     assert [p.name for p in removed] == [f"{TEMP_PREFIX}abc-case.nii.gz"]
     assert [p.name for p in tmp_path.iterdir()] == ["done.nii.gz"]
     write_json_atomic({"a": [1, 2]}, tmp_path / "x.json")
-    assert (tmp_path / "x.json").read_text().startswith("{")
+    assert (tmp_path / "x.json").read_text(encoding="utf-8").startswith("{")
 
 
 def test_input_error_is_picklable():

@@ -140,7 +140,7 @@ def test_arch_kwargs_change_the_architecture():
 
 def test_no_nnunet_import_and_no_initialize_method():
     for path in NETWORKS_DIR.glob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 assert not any(a.name.split(".")[0] == "nnunetv2" for a in node.names), path

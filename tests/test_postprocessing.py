@@ -296,11 +296,11 @@ def test_stock_nnunet_apply_postprocessing_matches(tmp_path):
     for name, seg in cases.items():
         _write_label(seg, src / f"{name}.nii.gz")
     pkl = write_nnunet_postprocessing_pkl(tmp_path / "postprocessing.pkl")
-    (tmp_path / "plans.json").write_text(json.dumps({"image_reader_writer": "SimpleITKIO"}))
-    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    (tmp_path / "plans.json").write_text(json.dumps({"image_reader_writer": "SimpleITKIO"}), encoding="utf-8")
+    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}), encoding="utf-8")
     cmd = [exe, "-i", str(src), "-o", str(dst), "-pp_pkl_file", str(pkl), "-np", "1"]
     cmd += ["-plans_json", str(tmp_path / "plans.json"), "-dataset_json", str(tmp_path / "dataset.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name, seg in cases.items():
         expected = postprocess_flare(seg)

@@ -38,7 +38,7 @@ def images(tmp_path) -> Path:
     folder.mkdir()
     for case in ("A", "B"):
         (folder / f"{case}_0000.nii.gz").write_bytes(b"")
-    (folder / "dataset.json").write_text("{}")
+    (folder / "dataset.json").write_text("{}", encoding="utf-8")
     return folder
 
 
@@ -69,8 +69,8 @@ def test_profile_cases_reports_every_case_and_the_failure(images, tmp_path):
     if open_gpu_sampler()[0] is None:  # this machine has no usable GPU: the figures are absent and said so
         assert all(r["MaxGPU_MB"] is None and r["AUC_GPU_Time_MBs"] is None for r in result["cases"])
         assert result["settings"]["gpu_note"].startswith("GPU figures absent")
-    assert json.loads((out / "profile.json").read_text()) == result
-    rows = list(csv.DictReader((out / "profile.csv").open()))
+    assert json.loads((out / "profile.json").read_text(encoding="utf-8")) == result
+    rows = list(csv.DictReader((out / "profile.csv").open(encoding="utf-8")))
     assert [r["case"] for r in rows] == ["A", "B"] and rows[1]["exit_code"] == "3"
     assert len(lines) == 2 and "FAILED (exit code 3)" in lines[1]
 
@@ -247,7 +247,7 @@ def test_cli_runs_each_case_and_exits_1_when_one_failed(images, tmp_path, monkey
         == 1
     )
     assert seen == [("A_0000.nii.gz", out, "501", ["-f", "0"]), ("B_0000.nii.gz", out, "501", ["-f", "0"])]
-    data = json.loads((report / "profile.json").read_text())
+    data = json.loads((report / "profile.json").read_text(encoding="utf-8"))
     assert [r["exit_code"] for r in data["cases"]] == [0, 3]
     assert data["settings"]["gpu_note"] == "GPU figures absent: GPU sampling disabled"
     assert (report / "profile.csv").is_file() and (report / "profile_A.png").is_file()

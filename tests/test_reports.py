@@ -38,7 +38,7 @@ def test_save_stats_json_is_loadable_and_atomic(tmp_path):
     stats = organ_stats(seg, np.full(seg.shape, 40.0), (1.0, 1.0, 1.0))
     save_stats_json(stats, tmp_path / "case.json", case="case")
     assert [p.name for p in tmp_path.iterdir()] == ["case.json"]
-    document = json.loads((tmp_path / "case.json").read_text())
+    document = json.loads((tmp_path / "case.json").read_text(encoding="utf-8"))
     assert document["case"] == "case"
     assert document["labels"] == {"3": {"name": "spleen", "voxels": 2, "volume_ml": 0.002, "mean_hu": 40.0}}
 

@@ -159,9 +159,9 @@ def test_roi_record_json_round_trip_and_uncrop(tmp_path):
 
 
 def test_load_roi_record_rejects_foreign_json(tmp_path):
-    (tmp_path / "x.json").write_text('{"box": [[0, 1]]}')
+    (tmp_path / "x.json").write_text('{"box": [[0, 1]]}', encoding="utf-8")
     with pytest.raises(InputError, match="x.json"):
         load_roi_record(tmp_path / "x.json")
-    (tmp_path / "y.json").write_text("{not json")
+    (tmp_path / "y.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(InputError, match="y.json"):
         load_roi_record(tmp_path / "y.json")

@@ -38,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         segmenter_spacing_zyx=args.segmenter_spacing,
         batch_size=args.batch_size,
     )
-    plans = json.loads(path.read_text())
+    plans = json.loads(path.read_text(encoding="utf-8"))
     print(f"wrote {path}")
     for name in (LOCATOR, SEGMENTER):
         print("  " + describe_configuration(plans, name))

@@ -20,7 +20,6 @@ on scored 0); ``on_missing="error"`` refuses instead.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -38,6 +37,7 @@ from nnunet_samflare.evaluation.metrics import (
     read_label_map,
     round_metric,
 )
+from nnunet_samflare.inference.io import write_json_atomic
 from nnunet_samflare.labels import ALL_FOREGROUND_LABELS, FLARE_LABELS, ORGAN_LABELS, TUMOR_LABEL
 
 # Endings nnU-Net's readers accept (nnunetv2.imageio). All are read with SimpleITK, so for .tif the spacing
@@ -124,7 +124,7 @@ def load_partial_labels(dataset_json: Path | None) -> dict[str, list[int]]:
     if dataset_json is None:
         return {}
     try:
-        dataset = json.loads(Path(dataset_json).read_text())
+        dataset = json.loads(Path(dataset_json).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{dataset_json}: not valid JSON ({e})") from e
     partial = dataset.get("partial_labels") or {}
@@ -203,19 +203,6 @@ def summarize(
         summary[f"tumor_{metric}"] = tumor[f"{metric}_mean"] if tumor else None
         summary[f"tumor_{metric}_present"] = tumor[f"{metric}_mean_present"] if tumor else None
     return summary
-
-
-def write_json_atomic(data: Any, path: str | Path) -> Path:
-    """Write JSON to a temporary file beside ``path`` and rename it, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _check_labels(labels: Sequence[int], tolerances: Mapping[int, float]) -> None:
@@ -298,6 +285,7 @@ def evaluate_folders(
     }
     result = {"cases": cases, "reference_labels": reference_labels, "summary": summary}
     if output_file is not None:
+        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result, output_file)
     return result
 

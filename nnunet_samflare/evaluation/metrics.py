@@ -190,19 +190,12 @@ def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """A label map as an integer array in SimpleITK order (z, y, x) and its spacing in the same order."""
     import SimpleITK as sitk
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise ValueError(f"{path}: cannot be read as an image ({str(e).strip().splitlines()[-1]})") from e
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: a label map must have one component per voxel")
+    from nnunet_samflare.inference.io import read_label_map as read_label_image
+
+    image = read_label_image(path)  # one-line errors for missing, unreadable, non-integer or negative maps
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
-        # Float-typed label maps do occur; labels are whole numbers, so round rather than truncate.
-        array = np.rint(array).astype(np.int32)
+        array = array.astype(np.int32)  # float-typed maps of whole numbers do occur
     return array, tuple(float(s) for s in reversed(image.GetSpacing()))
 
 

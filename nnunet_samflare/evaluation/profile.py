@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from nnunet_samflare.evaluation.evaluate import LABEL_FILE_ENDINGS, write_json_atomic
+from nnunet_samflare.evaluation.evaluate import LABEL_FILE_ENDINGS
+from nnunet_samflare.inference.io import write_json_atomic
 
 SAMPLE_INTERVAL_S = 0.1
 MIB = 1024 * 1024
@@ -300,7 +301,7 @@ def write_profile_csv(records: Sequence[dict], path: str | Path) -> Path:
     """One row per case with the Table-4 figures; absent values are empty cells."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
         for record in records:

@@ -28,7 +28,7 @@ _BASE_CONFIGURATION = "3d_fullres"
 
 def load_configuration_templates() -> dict:
     """The plug-in configurations as shipped in ``plans/samflare_configurations.json``."""
-    text = resources.files("nnunet_samflare.plans").joinpath("samflare_configurations.json").read_text()
+    text = resources.files("nnunet_samflare.plans").joinpath("samflare_configurations.json").read_text(encoding="utf-8")
     return json.loads(text)["configurations"]
 
 
@@ -142,7 +142,7 @@ def write_samflare_plans(
         hint = f"run nnUNetv2_plan_and_preprocess -d {dataset_name_or_id}"
         raise FileNotFoundError(f"{source}: no such plans file ({hint})")
     try:
-        source_plans = json.loads(source.read_text())
+        source_plans = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{source}: not valid JSON ({e})") from None
     plans = derive_samflare_plans(source_plans, plans_name, **overrides)
