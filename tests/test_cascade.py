@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from nnunet_samflare import predict
 from nnunet_samflare.cli import main as samflare_main
@@ -266,3 +267,21 @@ def test_profile_runs_predict_per_case_in_fresh_processes(trained_models, tmp_pa
         assert (tmp_path / "out" / f"profile_{case['case']}.png").is_file()
     assert "GPU figures absent" in report["settings"]["gpu_note"]
     assert (tmp_path / "out" / "profile.csv").is_file()
+
+
+@pytest.mark.parametrize("gaussian", [False, True])
+def test_batched_tiles_give_the_same_logits(models, ct, gaussian):
+    from nnunet_samflare.inference.cascade import sliding_window_logits
+    from nnunet_samflare.inference.io import read_case
+
+    data, properties = read_case(ct)
+    one = CascadePredictor(*models, device="cpu", use_gaussian=gaussian, tile_batch_size=1)
+    four = CascadePredictor(*models, device="cpu", use_gaussian=gaussian, tile_batch_size=4)
+    preprocessed, _ = one._preprocess(one.segmenter, data, properties)
+    patch = one.segmenter.configuration_manager.patch_size
+    padded = [max(n, p) for n, p in zip(preprocessed.shape[1:], patch)]
+    assert len(one.segmenter._internal_get_sliding_window_slicers(padded)) == 9  # batches of 4, 4 and 1
+    reference = sliding_window_logits(one.segmenter, preprocessed).float()
+    batched = sliding_window_logits(four.segmenter, preprocessed).float()
+    torch.testing.assert_close(batched, reference, atol=2e-2, rtol=1e-2)
+    assert (batched.argmax(0) == reference.argmax(0)).float().mean() > 0.999

@@ -23,6 +23,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work")
     s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
     s.add_argument("--margin_mm", type=float, default=10.0, help="margin around the located box (default: %(default)s)")
+    s.add_argument("--tile_batch", type=int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)")
 
 
 def predictor_options(args: argparse.Namespace) -> dict:
@@ -45,4 +46,5 @@ def predictor_options(args: argparse.Namespace) -> dict:
         tta=args.tta,
         gaussian=args.gaussian,
         margin_mm=args.margin_mm,
+        tile_batch=args.tile_batch,
     )

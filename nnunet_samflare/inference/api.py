@@ -67,6 +67,7 @@ def build_predictor(
     gaussian: bool = False,
     margin_mm: float = DEFAULT_ROI_MARGIN_MM,
     postprocess: bool = True,
+    tile_batch: int | None = None,
 ) -> CascadePredictor:
     """A :class:`CascadePredictor` whose model folders are given, or found from the dataset like nnUNetv2_predict
     finds them (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``)."""
@@ -89,6 +90,7 @@ def build_predictor(
         use_mirroring=tta,
         roi_margin_mm=margin_mm,
         postprocess=postprocess,
+        tile_batch_size=tile_batch,
     )
 
 
