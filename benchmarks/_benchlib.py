@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: paths, commands, environment, memory probes, tables and JSON.
+"""Helpers shared by the benchmark scripts: paths, commands, environment, in-process memory probes, tables and JSON.
+
+Running a command while sampling its memory is not here: the scripts use the package's own sampler,
+:func:`nnunet_samflare.evaluation.profile.run_and_sample` (what ``samflare profile`` runs), so that both report
+the same figures.
 
 Nothing here imports torch or nnunetv2 at module level: the scripts set the ``nnUNet_*`` environment first, and
 ``nnunetv2.paths`` reads it once, at import time.
@@ -15,7 +19,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -94,7 +97,7 @@ def run_checked(args: Sequence[str], env: Mapping[str, str], *, log: Path | None
     return result
 
 
-# -- memory ---------------------------------------------------------------------------------------------------
+# -- memory of this process -------------------------------------------------------------------------------------
 
 
 def current_rss_mb() -> float:
@@ -109,302 +112,21 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Largest resident set size of this process so far (MiB): ``getrusage(RUSAGE_SELF).ru_maxrss``."""
+    """Largest resident set size of this process so far (MiB).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this process's own memory map. Not
+    ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark into a forked-then-exec'ed child, so a
+    measuring process started by a large parent would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value / MIB if sys.platform == "darwin" else value / 1024  # bytes on macOS, KiB on Linux
-
-
-# -- running a command while sampling its memory ---------------------------------------------------------------
-
-
-def _visible_gpu(env: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """The first GPU a child process sees (index or UUID; "0" by default), or (None, why none)."""
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return "0", None
-    first = visible.split(",")[0].strip()
-    if not first or first.startswith("-"):
-        return None, f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
-    return first, None
-
-
-class NvmlGpu:
-    """Device-wide and per-process memory of the first visible NVIDIA GPU through NVML (``pynvml``), polled."""
-
-    source = "NVML"
-
-    def __init__(self, pynvml, handle, name: str):
-        self._nvml, self._handle, self.name = pynvml, handle, name
-        self._peak: float | None = None
-        self._peak_own: float | None = None
-
-    @classmethod
-    def open(cls, env: Mapping[str, str]) -> tuple[NvmlGpu | None, str | None]:
-        device, why = _visible_gpu(env)
-        if device is None:
-            return None, why
-        try:
-            import pynvml
-        except ImportError:
-            return None, "pynvml (nvidia-ml-py) is not installed"
-        try:
-            pynvml.nvmlInit()
-        except Exception as e:  # NVMLError and driver-library load failures
-            return None, f"NVML unavailable ({e})"
-        try:
-            if device.isdigit():
-                handle = pynvml.nvmlDeviceGetHandleByIndex(int(device))
-            else:
-                handle = pynvml.nvmlDeviceGetHandleByUUID(device)
-            name = pynvml.nvmlDeviceGetName(handle)
-        except Exception as e:
-            pynvml.nvmlShutdown()
-            return None, f"GPU {device!r} not found through NVML ({e})"
-        return cls(pynvml, handle, name.decode() if isinstance(name, bytes) else name), None
-
-    def used_mb(self) -> float:
-        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / MIB
-
-    def begin(self) -> None:
-        self._peak = self._peak_own = None
-
-    def poll(self, pids: set[int]) -> None:
-        try:
-            used = self.used_mb()
-        except Exception:
-            return
-        self._peak = used if self._peak is None else max(self._peak, used)
-        try:
-            processes = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-        except Exception:  # per-process accounting is not supported everywhere
-            return
-        own = 0.0
-        for process in processes:
-            if process.pid in pids:
-                if process.usedGpuMemory is None:
-                    return
-                own += process.usedGpuMemory / MIB
-        self._peak_own = own if self._peak_own is None else max(self._peak_own, own)
-
-    def end(self) -> tuple[float | None, float | None]:
-        return self._peak, self._peak_own
-
-    def close(self) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except Exception:
-            pass
-
-
-class SmiGpu:
-    """Fallback without pynvml: device-wide memory from ``nvidia-smi -lms 100`` streaming during the run."""
-
-    source = "nvidia-smi"
-
-    def __init__(self, device: str, name: str):
-        self.device, self.name = device, name
-        self._stream: subprocess.Popen | None = None
-        self._samples: list[float] = []
-        self._reader = None
-
-    def _query(self) -> list[str]:
-        return ["nvidia-smi", "-i", self.device, "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-
-    @classmethod
-    def open(cls, env: Mapping[str, str]) -> tuple[SmiGpu | None, str | None]:
-        import shutil
-
-        device, why = _visible_gpu(env)
-        if device is None:
-            return None, why
-        if shutil.which("nvidia-smi") is None:
-            return None, "neither pynvml nor nvidia-smi is available"
-        try:
-            name = subprocess.run(
-                ["nvidia-smi", "-i", device, "--query-gpu=name", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError) as e:
-            return None, f"nvidia-smi failed ({e})"
-        return cls(device, name), None
-
-    def used_mb(self) -> float:
-        out = subprocess.run(self._query(), capture_output=True, text=True, timeout=30, check=True).stdout
-        return float(out.split()[0])  # MiB
-
-    def begin(self) -> None:
-        import threading
-
-        self._samples = []
-        self._stream = subprocess.Popen([*self._query(), "-lms", "100"], stdout=subprocess.PIPE, text=True)
-
-        def read(stream=self._stream):
-            for line in stream.stdout:
-                try:
-                    self._samples.append(float(line.split()[0]))
-                except (ValueError, IndexError):
-                    pass
-
-        self._reader = threading.Thread(target=read, daemon=True)
-        self._reader.start()
-
-    def poll(self, pids: set[int]) -> None:
-        pass
-
-    def end(self) -> tuple[float | None, float | None]:
-        if self._stream is not None:
-            self._stream.terminate()
-            self._stream.wait()
-            self._reader.join(timeout=5)
-            self._stream = None
-        return (max(self._samples) if self._samples else None), None
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self.end()
-
-
-def open_gpu(env: Mapping[str, str]):
-    """A GPU memory sampler (NVML, else nvidia-smi) and a note on what is missing; never raises."""
-    device, why = _visible_gpu(env)
-    if device is None:
-        return None, why
-    gpu, why = NvmlGpu.open(env)
-    if gpu is not None:
-        return gpu, None
-    fallback, why_not = SmiGpu.open(env)
-    if fallback is not None:
-        return fallback, f"{why}; device-wide memory from nvidia-smi, no per-process figure"
-    return None, f"{why}; {why_not}"
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants, from ``/proc``."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    tree = [pid]
-    for member in tree:
-        tree.extend(children.get(member, []))
-    return tree
-
-
-def rss_pss_mb(pid: int) -> tuple[float, float]:
-    """RSS and PSS of one process (MiB) from ``/proc/<pid>/smaps_rollup``; (0, 0) if it is gone."""
-    rss = pss = 0.0
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1]) / 1024
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return rss, pss
-
-
-def run_sampled(
-    command: Sequence[str],
-    *,
-    env: Mapping[str, str],
-    log_file: Path,
-    timeout: float | None = None,
-    interval: float = 0.1,
-    gpu=None,
-) -> dict[str, Any]:
-    """Run ``command`` (own session, output to ``log_file``) to the end, sampling memory every ``interval`` s.
-
-    Host memory, three ways: the peak over samples of the process tree's summed **PSS** (shared pages counted
-    once, split between the processes sharing them: the honest total when a tool forks or spawns workers), the
-    same with RSS (what ``top`` adds up; forked children count their copy-on-write pages again), and the kernel's
-    exact ``ru_maxrss`` of the largest single process in the tree (``wait4``). GPU (``gpu`` from
-    :func:`open_gpu`): peak device-wide use above the level just before the start, and the peak NVML accounts
-    to the tree. A run past ``timeout`` seconds has its process group killed and is reported as timed out.
-    Linux only (``/proc``).
-    """
-    import signal
-
-    record: dict[str, Any] = {"command": [str(c) for c in command], "exit_code": None, "timed_out": False}
-    peaks = {"pss": 0.0, "rss": 0.0}
-    gpu_baseline = None
-    if gpu is not None:
-        try:
-            gpu_baseline = gpu.used_mb()
-            gpu.begin()
-        except Exception as e:
-            record["gpu_error"] = str(e)
-            gpu = None
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    samples = 0
-    with open(log_file, "wb") as log:
-        start = time.perf_counter()
-        process = subprocess.Popen(
-            record["command"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=dict(env),
-            start_new_session=True,
-        )
-        try:
-            while True:
-                pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-                elapsed = time.perf_counter() - start
-                if pid:
-                    break
-                if timeout is not None and elapsed > timeout:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    pid, status, usage = os.wait4(process.pid, 0)
-                    elapsed = time.perf_counter() - start
-                    record["timed_out"] = True
-                    break
-                samples += 1
-                tree = process_tree(process.pid)
-                memory = [rss_pss_mb(p) for p in tree]
-                peaks["rss"] = max(peaks["rss"], sum(m[0] for m in memory))
-                peaks["pss"] = max(peaks["pss"], sum(m[1] for m in memory))
-                if gpu is not None:
-                    gpu.poll(set(tree))
-                time.sleep(interval)
-        except BaseException:  # interrupted: leave no orphaned process group behind
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-                os.waitpid(process.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            raise
-        finally:
-            gpu_peak, gpu_own = gpu.end() if gpu is not None else (None, None)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    record.update(
-        exit_code=process.returncode,
-        wall_s=elapsed,
-        peak_pss_tree_MB=peaks["pss"] or None,
-        peak_rss_tree_MB=peaks["rss"] or None,
-        max_rss_single_process_MB=usage.ru_maxrss / 1024,
-        gpu_memory_source=None if gpu is None else gpu.source,
-        gpu_baseline_MB=gpu_baseline,
-        gpu_peak_above_baseline_MB=None if gpu_peak is None else gpu_peak - gpu_baseline,
-        gpu_peak_own_MB=gpu_own,
-        samples=samples,
-        log=str(log_file),
-    )
-    if record["timed_out"]:
-        record["error"] = f"timed out after {timeout:g} s"
-    elif record["exit_code"] != 0:
-        record["error"] = f"exit code {record['exit_code']}"
-    return record
 
 
 # -- environment description ------------------------------------------------------------------------------------

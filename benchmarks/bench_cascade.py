@@ -21,7 +21,8 @@ What it does (everything under ``--workdir``, a temporary folder by default; not
    benchmark case's own foreground (all labels > 0) on its preprocessed coarse grid, so that the ROI is the
    size a trained locator gives; ``--locator all`` makes it call everything foreground (ROI = whole scan: the
    cascade's worst case). The report prints the ROI next to the ground-truth box.
-4. **Runs** (each in its own process; memory sampled every 0.1 s over the process tree, GPU through NVML):
+4. **Runs** (each in its own process; memory sampled every 0.1 s over the process tree, GPU through NVML or
+   nvidia-smi, by ``nnunet_samflare.evaluation.profile.run_and_sample``, the sampler of ``samflare profile``):
 
    * ``samflare-inprocess``: ``build_predictor`` once, then ``predict_case_to_files`` (``--warmup`` untimed +
      ``--repeats`` timed cases): per-stage seconds read / preprocess / locator / segmenter / postprocess / write.
@@ -520,19 +521,34 @@ def nnunet_worker(spec: dict, out_file: Path) -> None:
 
 
 def sampled_run(name: str, command: list[str], env: dict, workdir: Path, timeout: float | None) -> dict[str, Any]:
-    """Run a command to the end: wall time, host memory of its process tree, GPU memory through NVML."""
-    gpu, gpu_note = lib.open_gpu(env)
+    """Run a command to the end in its own session with ``samflare profile``'s sampler (every 0.1 s): wall time
+    ``time_s``, host memory of its process tree (``MaxRAM_MB``: summed PSS; ``MaxRSS_sum_MB``;
+    ``MaxRSS_process_MB``), GPU memory through NVML or nvidia-smi (``MaxGPU_MB``, ``GPU_baseline_MB``, ...)."""
+    from nnunet_samflare.evaluation.profile import open_gpu_sampler, run_and_sample
+
+    gpu, gpu_note = open_gpu_sampler(env)
+    log = workdir / "logs" / f"{name}.log"
     print(f"[run] {name} ...", flush=True)
     load_before = list(os.getloadavg())
     try:
-        record = lib.run_sampled(command, env=env, log_file=workdir / "logs" / f"{name}.log", timeout=timeout, gpu=gpu)
+        record = run_and_sample(command, env=env, log_file=log, timeout_s=timeout, gpu=gpu)
     finally:
         if gpu is not None:
             gpu.close()
-    record["load_average_before"] = load_before
-    record["gpu"] = gpu.name if gpu is not None else None
-    record["gpu_note"] = gpu_note
-    print(f"[run] {name}: {record['wall_s']:.1f} s ({record.get('error') or 'ok'})", flush=True)
+    del record["samples"]  # the 0.1 s series; n_samples stays
+    gpu_info = gpu.description if gpu is not None else {}
+    peak, baseline = record["MaxGPU_MB"], record["GPU_baseline_MB"]
+    record.update(
+        log=str(log),
+        load_average_before=load_before,
+        gpu=gpu_info.get("name"),
+        gpu_memory_source=gpu_info.get("source"),
+        gpu_note=gpu_note,
+        gpu_peak_above_baseline_MB=None if peak is None or baseline is None else round(peak - baseline, 1),
+    )
+    if record["error"] is None and record["exit_code"] != 0:
+        record["error"] = f"exit code {record['exit_code']}"
+    print(f"[run] {name}: {record['time_s']:.1f} s ({record['error'] or 'ok'})", flush=True)
     return record
 
 
@@ -611,7 +627,7 @@ def _status(record: dict) -> str | None:
     if "not_run" in record:
         return f"not run ({record['not_run']})"
     if record.get("timed_out"):
-        return f"not run (timed out after {record['wall_s']:.0f} s)"
+        return f"not run (timed out after {record['time_s']:.0f} s)"
     if record.get("exit_code") != 0:
         return f"failed (exit code {record.get('exit_code')}, see {Path(record['log']).name})"
     return None
@@ -638,7 +654,7 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
     )
     sam["total"] = lib.median(r["total_s"] for r in _timed_runs(sam_in)) if _timed_runs(sam_in) else None
     sam["load"] = (sam_in.get("result") or {}).get("load_s")
-    sam["cli"] = sam_cli.get("wall_s") if sam["status_cli"] is None else None
+    sam["cli"] = sam_cli.get("time_s") if sam["status_cli"] is None else None
     _memory(sam, sam_in, sam_cli)
     columns["samflare"] = sam
     for tta in ("notta", "tta"):
@@ -653,7 +669,7 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
         col["write"] = _stage(inproc, "write")
         col["total"] = lib.median(r["total_s"] for r in _timed_runs(inproc)) if _timed_runs(inproc) else None
         col["load"] = (inproc.get("result") or {}).get("load_s")
-        col["cli"] = cli.get("wall_s") if col["status_cli"] is None else None
+        col["cli"] = cli.get("time_s") if col["status_cli"] is None else None
         _memory(col, inproc, cli)
         columns[f"nnunet-{tta}"] = col
     return columns
@@ -661,9 +677,9 @@ def summarize(runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
 
 def _memory(column: dict, inprocess: dict, cli: dict) -> None:
     ok_in, ok_cli = _status(inprocess) is None, _status(cli) is None
-    column["ram_inprocess"] = inprocess.get("peak_pss_tree_MB") if ok_in else None
-    column["ram_cli"] = cli.get("peak_pss_tree_MB") if ok_cli else None
-    column["rss_max_cli"] = cli.get("max_rss_single_process_MB") if ok_cli else None
+    column["ram_inprocess"] = inprocess.get("MaxRAM_MB") if ok_in else None
+    column["ram_cli"] = cli.get("MaxRAM_MB") if ok_cli else None
+    column["rss_max_cli"] = cli.get("MaxRSS_process_MB") if ok_cli else None
     column["gpu_torch"] = (inprocess.get("result") or {}).get("torch_max_allocated_MB") if ok_in else None
     column["gpu_nvml_inprocess"] = inprocess.get("gpu_peak_above_baseline_MB") if ok_in else None
     column["gpu_nvml_cli"] = cli.get("gpu_peak_above_baseline_MB") if ok_cli else None
@@ -764,12 +780,12 @@ def report(columns: dict[str, dict], runs: dict, prepared: dict, args) -> str:
     lines.append(f"Locator weights: {models['locator'].get('locator_weights')}.")
     lines.append(
         "Times in s. Host RAM: peak of the process tree's summed PSS, sampled every 0.1 s (shared pages counted "
-        "once); largest process RSS: the kernel's ru_maxrss."
+        "once); largest process RSS: the kernel's ru_maxrss (or the largest sample)."
         + (" GPU device-wide: NVML (or nvidia-smi), above the level before the run." if args.device == "cuda" else "")
     )
     notes = {r.get("gpu_note") for r in runs.values() if r.get("gpu_note")}
     if args.device == "cuda" and notes:
-        lines.append(f"NVML: {'; '.join(sorted(notes))}.")
+        lines.append(f"GPU memory: {'; '.join(sorted(notes))}.")
     lines.append("Ratios: stock ÷ samflare (> 1: samflare is faster / smaller).")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Profiling with real subprocesses on CPU; NVML paths with a stand-in pynvml module."""
+"""Profiling with real subprocesses on CPU; NVML paths with a stand-in pynvml module, the nvidia-smi fallback
+with a stand-in nvidia-smi executable."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import sys
 import types
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nnunet_samflare.cli import build_parser, main
 from nnunet_samflare.evaluation import profile
 from nnunet_samflare.evaluation.profile import (
     NvmlSampler,
+    SmiSampler,
     open_gpu_sampler,
     predict_command,
+    process_memory_mb,
     profile_cases,
     run_and_sample,
     visible_gpu,
@@ -25,6 +29,12 @@ from nnunet_samflare.evaluation.profile import (
 PY = sys.executable
 # Holds ~200 MB of RAM for 0.6 s, then exits with the code given as argv[1].
 ALLOCATE = "import sys, time; x = bytearray(200 * 2**20); time.sleep(0.6); sys.exit(int(sys.argv[1]))"
+# Holds ~200 MB, then forks: parent and child share those pages (copy-on-write) for 0.6 s.
+FORK_SHARED = (
+    # b"\1" * n writes every page before the fork, so both processes map the same 200 MB resident pages
+    "import os, sys, time; x = b'\\1' * (200 * 2**20); pid = os.fork(); time.sleep(1.5); "
+    "sys.exit(0) if pid == 0 else sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))"
+)
 
 
 def python_case(case_file: Path, output_dir: Path, dataset: str, extra_args) -> list[str]:
@@ -46,7 +56,8 @@ def test_run_and_sample_measures_time_and_ram_without_gpu():
     record = run_and_sample([PY, "-c", ALLOCATE, "0"], gpu=None)
     assert record["exit_code"] == 0 and record["error"] is None
     assert 0.6 < record["time_s"] < 30
-    assert record["MaxRAM_MB"] > 150  # the 200 MB buffer, RSS of the child
+    assert record["MaxRAM_MB"] > 150  # the 200 MB buffer
+    assert record["MaxRSS_process_MB"] >= record["MaxRAM_MB"] - 1  # one process: PSS <= RSS
     assert record["n_samples"] >= 5  # 0.1 s apart over > 0.6 s
     times = record["samples"]["time_s"]
     assert times[0] < 0.1 and all(b > a for a, b in zip(times, times[1:]))
@@ -66,7 +77,7 @@ def test_profile_cases_reports_every_case_and_the_failure(images, tmp_path):
         assert record["time_s"] > 0.6 and record["MaxRAM_MB"] > 150
         assert Path(record["plot"]).read_bytes()[:4] == b"\x89PNG"
         assert Path(record["log"]).is_file()
-    if open_gpu_sampler()[0] is None:  # this machine has no usable GPU: the figures are absent and said so
+    if result["settings"]["gpu"] is None:  # this machine has no usable GPU: the figures are absent and said so
         assert all(r["MaxGPU_MB"] is None and r["AUC_GPU_Time_MBs"] is None for r in result["cases"])
         assert result["settings"]["gpu_note"].startswith("GPU figures absent")
     assert json.loads((out / "profile.json").read_text(encoding="utf-8")) == result
@@ -117,8 +128,38 @@ def test_gpu_figures_from_samples_and_the_process_tree():
 def test_failing_start_and_timeout_are_reported(tmp_path):
     record = run_and_sample([str(tmp_path / "no-such-program")])
     assert record["exit_code"] is None and record["error"].startswith("cannot start")
-    record = run_and_sample([PY, "-c", "import time; time.sleep(30)"], timeout_s=0.5)
+    spawn = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+        "print(p.pid, flush=True); time.sleep(30)"
+    )
+    log = tmp_path / "logs" / "timeout.log"
+    record = run_and_sample([PY, "-c", spawn], timeout_s=1.0, log_file=log)
     assert record["timed_out"] and record["exit_code"] != 0 and record["time_s"] < 10
+    grandchild = int(log.read_text().split()[0])  # killed with its parent, not left running
+    assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+
+
+def test_ram_is_summed_pss_so_pages_shared_with_a_fork_count_once(monkeypatch):
+    record = run_and_sample([PY, "-c", FORK_SHARED])
+    figures = {k: v for k, v in record.items() if k.startswith(("Max", "RAM", "exit", "n_samples"))}
+    assert record["exit_code"] == 0 and record["RAM_measure"] == "PSS", figures
+    assert record["MaxRSS_sum_MB"] > 350, figures  # RSS counts the 200 MB buffer in both processes
+    assert 150 < record["MaxRAM_MB"] < 300, figures  # PSS counts it once
+    assert 150 < record["MaxRSS_process_MB"] < 300, figures  # the larger of the two processes
+
+    # Where PSS cannot be read, each process counts with its RSS and the record says so.
+    monkeypatch.setattr(profile, "process_memory_mb", lambda pid: (process_memory_mb(pid) or (0.0,))[:1] + (None,))
+    record = run_and_sample([PY, "-c", FORK_SHARED])
+    assert record["RAM_measure"] == "RSS"
+    assert record["MaxRAM_MB"] == record["MaxRSS_sum_MB"] > 350
+
+
+def test_process_memory_reads_rss_and_pss():
+    rss, pss = process_memory_mb(os.getpid())
+    assert rss > 10 and (pss is None or 0 < pss <= rss + 1)  # PSS where /proc/<pid>/smaps_rollup exists
+    if sys.platform.startswith("linux"):
+        assert pss is not None
+    assert process_memory_mb(2**22 + 12345) is None  # above Linux's pid_max: no such process
 
 
 def test_visible_gpu_follows_cuda_visible_devices():
@@ -160,11 +201,69 @@ def fake_pynvml(monkeypatch):
 def test_nvml_sampler_reads_the_visible_device_and_own_pids(fake_pynvml):
     sampler, note = open_gpu_sampler({"CUDA_VISIBLE_DEVICES": "1"})
     assert note is None and isinstance(sampler, NvmlSampler)
-    assert sampler.description == {"device": 1, "name": "Fake GPU 1", "total_MB": 81920.0}
+    assert sampler.description == {"device": 1, "name": "Fake GPU 1", "total_MB": 81920.0, "source": "NVML"}
     assert sampler.sample({4242, 5}) == (3072.0, 1024.0)
     assert sampler.sample({5}) == (3072.0, 0.0)
     sampler, note = open_gpu_sampler({"CUDA_VISIBLE_DEVICES": "5"})
     assert sampler is None and "not found" in note
+
+
+FAKE_NVIDIA_SMI = """\
+import sys, time
+args = sys.argv[1:]
+device = args[args.index("-i") + 1]
+if device not in ("0", "1"):
+    print("No devices were found")
+    sys.exit(6)
+if "--query-gpu=name,memory.total" in args:
+    print(f"Fake GPU {device}, 81559")
+    sys.exit(0)
+assert "--query-gpu=memory.used" in args and "--format=csv,noheader,nounits" in args
+period = int(args[args.index("-lms") + 1]) / 1000
+while True:
+    print(3000 if device == "1" else 1000, flush=True)
+    time.sleep(period)
+"""
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    """An ``nvidia-smi`` on PATH that answers for GPUs 0 (1000 MiB used) and 1 (3000 MiB); pynvml unimportable."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!{PY}\n{FAKE_NVIDIA_SMI}", encoding="utf-8")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    return script
+
+
+def test_nvidia_smi_is_the_fallback_without_pynvml(fake_nvidia_smi, images, tmp_path):
+    sampler, note = open_gpu_sampler({"CUDA_VISIBLE_DEVICES": "1"})
+    try:
+        assert isinstance(sampler, SmiSampler)
+        assert "pynvml (nvidia-ml-py) is not installed" in note and "nvidia-smi" in note
+        assert sampler.description == {"device": 1, "name": "Fake GPU 1", "total_MB": 81559.0, "source": "nvidia-smi"}
+        assert sampler.sample({1, 2}) == (3000.0, None)  # device-wide only
+        record = run_and_sample([PY, "-c", "import time; time.sleep(0.5)"], gpu=sampler)
+        assert record["MaxGPU_MB"] == 3000.0 and record["GPU_baseline_MB"] == 3000.0
+        assert record["MaxGPU_own_MB"] is None and "gpu_error" not in record
+        assert record["AUC_GPU_Time_MBs"] == pytest.approx(3000.0 * 0.1 * record["n_samples"], abs=0.05)
+    finally:
+        sampler.close()
+    with pytest.raises(RuntimeError, match="stopped"):
+        sampler.sample(set())
+    sampler, note = open_gpu_sampler({"CUDA_VISIBLE_DEVICES": "5"})
+    assert sampler is None and "No devices were found" in note
+
+    # What `samflare profile` does by default: GPU figures from nvidia-smi, and the note says what is missing.
+    result = profile_cases(images, tmp_path / "out", command_builder=lambda *args: [PY, "-c", "pass"],
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert result["settings"]["gpu"]["source"] == "nvidia-smi"
+    assert "no own-process GPU figure" in result["settings"]["gpu_note"]
+    assert all(r["MaxGPU_MB"] == 1000.0 for r in result["cases"])
+    assert "MaxRAM_MB" in result["settings"]["figures"]
 
 
 def test_predict_command_is_a_fresh_interpreter_running_predict(tmp_path):
@@ -252,6 +351,26 @@ def test_cli_runs_each_case_and_exits_1_when_one_failed(images, tmp_path, monkey
     assert data["settings"]["gpu_note"] == "GPU figures absent: GPU sampling disabled"
     assert (report / "profile.csv").is_file() and (report / "profile_A.png").is_file()
     assert "1 case(s) failed: B" in capsys.readouterr().err
+
+
+def test_cli_without_dataset_hands_the_model_folders_to_predict(images, tmp_path, monkeypatch, capsys):
+    assert "-d" not in predict_command(tmp_path / "A_0000.nii.gz", tmp_path / "out", None, ["--locator", "L"])
+    seen = []
+
+    def builder(case_file, output_dir, dataset, extra_args):
+        seen.append((dataset, extra_args))
+        return [PY, "-c", "pass"]
+
+    monkeypatch.setattr(profile, "predict_command", builder)
+    out = tmp_path / "out"
+    models = ["--locator", "LOC", "--segmenter=SEG"]
+    assert main(["profile", "-i", str(images), "-o", str(out), *models, "--no-gpu"]) == 0
+    assert seen == [(None, models), (None, models)]
+    assert json.loads((out / "profile.json").read_text(encoding="utf-8"))["settings"]["dataset"] is None
+    # Neither a dataset nor both folders: refused before any case runs.
+    assert main(["profile", "-i", str(images), "-o", str(out), "--locator", "LOC"]) == 2
+    assert "give a dataset (-d) or both model folders" in capsys.readouterr().err
+    assert len(seen) == 2
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):

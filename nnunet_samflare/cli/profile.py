@@ -1,7 +1,8 @@
 """``samflare profile``: the FLARE efficiency protocol, one fresh ``samflare predict`` process per case.
 
 Every option this command does not know is passed to ``predict`` unchanged, e.g.
-``samflare profile -i imagesTs -o out -d 501 -device cuda -f 0``. argparse cannot do that by itself (it
+``samflare profile -i imagesTs -o out -d 501 -device cuda -f 0``, or, without a dataset,
+``samflare profile -i imagesTs -o out --locator LOC_DIR --segmenter SEG_DIR``. argparse cannot do that by itself (it
 reads ``-device`` as ``-d evice`` and rejects unknown options), so the sub-parser splits the arguments
 first: exact matches of its own options are parsed, everything else is handed through. Anything after
 ``--`` is handed through as well.
@@ -48,12 +49,13 @@ class _PassThroughParser(argparse.ArgumentParser):
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "profile",
-        help="time, GPU memory (NVML, every 0.1 s) and RAM of predict, one fresh process per case (FLARE)",
+        help="time, GPU memory (every 0.1 s) and RAM of predict, one fresh process per case (FLARE)",
         description="Run `samflare predict` on every case of IMAGES in its own process (so start-up, imports, "
-        "model loading and I/O count, as in FLARE) and sample device-wide and own GPU memory through NVML and "
-        "host RAM every 0.1 s. Reports per case the time (s), MaxGPU (MB), AUC_GPU_Time (MB·s), own-process "
-        "GPU peak, RAM peak and exit code in profile.json, profile.csv and a memory-time PNG. All other "
-        "options are passed to predict.",
+        "model loading and I/O count, as in FLARE) and sample device-wide and own GPU memory through NVML "
+        "(nvidia-smi, device-wide only, where pynvml is missing) and host RAM (summed PSS of the process tree) "
+        "every 0.1 s. Reports per case the time (s), MaxGPU (MB), AUC_GPU_Time (MB·s), own-process GPU peak, "
+        "RAM peak, largest single-process RSS and exit code in profile.json, profile.csv and a memory-time PNG. "
+        "All other options (e.g. -f, -device, --locator DIR --segmenter DIR) are passed to predict.",
         allow_abbrev=False,
     )
     # add_parser builds the sub-parser with the parent's class; switch it to the pass-through variant.
@@ -61,7 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-i", dest="images", required=True, metavar="IMAGES",
                         help="folder of <case>_0000 images (or one image file)")
     parser.add_argument("-o", dest="output_dir", required=True, metavar="OUT", help="prediction folder")
-    parser.add_argument("-d", dest="dataset", required=True, metavar="DATASET", help="dataset id or name")
+    parser.add_argument("-d", dest="dataset", metavar="DATASET",
+                        help="dataset id or name, passed to predict; leave it out when the models are given as "
+                        "--locator DIR --segmenter DIR (passed to predict as well)")
     parser.add_argument("--report-dir", metavar="DIR",
                         help="where profile.json, profile.csv, the PNGs and logs go (default: OUT)")
     parser.add_argument("--sample-interval", type=float, default=0.1, metavar="S",
@@ -72,11 +76,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run, extra_args=[])
 
 
+def _has_option(tokens: list[str], option: str) -> bool:
+    return any(t == option or t.startswith(f"{option}=") for t in tokens)
+
+
 def run(args: argparse.Namespace) -> int:
     from nnunet_samflare.evaluation.profile import format_profile_table, profile_cases
 
     if args.sample_interval <= 0:
         raise ValueError(f"--sample-interval must be positive, not {args.sample_interval}")
+    if args.dataset is None and not (_has_option(args.extra_args, "--locator")
+                                     and _has_option(args.extra_args, "--segmenter")):
+        raise ValueError("give a dataset (-d) or both model folders (--locator DIR --segmenter DIR)")
     result = profile_cases(
         args.images,
         args.output_dir,

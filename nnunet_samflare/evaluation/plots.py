@@ -64,15 +64,15 @@ def plot_memory_curve(
     figure, axes = _new_figure(7.0, 2.6 * rows + 0.6, rows=rows)
     if gpu_mb is not None:
         ax = axes[0]
-        ax.plot(time_s, gpu_mb, label="GPU, device-wide (NVML)")
+        ax.plot(time_s, gpu_mb, label="GPU, device-wide")
         if gpu_own_mb is not None and any(v is not None for v in gpu_own_mb):
             ax.plot(time_s, [float("nan") if v is None else v for v in gpu_own_mb], label="GPU, own processes")
         ax.set_ylabel("GPU memory (MB)")
         ax.legend(loc="upper left", fontsize="small")
         ax.grid(alpha=0.3)
     else:
-        title = f"{title} (no GPU figures: NVML/GPU unavailable)".strip()
-    axes[-1].plot(time_s, ram_mb, color="tab:green", label="host RAM (RSS of the process tree)")
+        title = f"{title} (no GPU figures: no NVML or nvidia-smi)".strip()
+    axes[-1].plot(time_s, ram_mb, color="tab:green", label="host RAM (PSS of the process tree)")
     axes[-1].set_ylabel("RAM (MB)")
     axes[-1].set_xlabel("time (s)")
     axes[-1].legend(loc="upper left", fontsize="small")
