@@ -22,7 +22,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--disable_tta", action="store_true",
                    help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work")
     s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
-    s.add_argument("--margin_mm", type=float, default=10.0, help="margin around the located box (default: %(default)s)")
+    s.add_argument("--margin_mm", type=float, help="margin around the located box, mm (default: 10)")
     s.add_argument("--tile_batch", type=int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)")
 
 

@@ -37,6 +37,7 @@ from nnunet_samflare.inference.io import (
     read_case,
     remove_stale_temporaries,
     seg_to_image,
+    strip_image_ending,
     write_json_atomic,
     write_seg_atomic,
 )
@@ -65,7 +66,7 @@ def build_predictor(
     step_size: float = 0.5,
     tta: bool = False,
     gaussian: bool = False,
-    margin_mm: float = DEFAULT_ROI_MARGIN_MM,
+    margin_mm: float | None = None,
     postprocess: bool = True,
     tile_batch: int | None = None,
 ) -> CascadePredictor:
@@ -88,7 +89,7 @@ def build_predictor(
         tile_step_size=step_size,
         use_gaussian=gaussian,
         use_mirroring=tta,
-        roi_margin_mm=margin_mm,
+        roi_margin_mm=DEFAULT_ROI_MARGIN_MM if margin_mm is None else margin_mm,
         postprocess=postprocess,
         tile_batch_size=tile_batch,
     )
@@ -178,7 +179,7 @@ def predict_case_to_files(
     prediction = predictor.predict_case(data, properties, return_probabilities=save_probabilities)
     prediction.timings["read"] = read_time
     start = time.perf_counter()
-    stem = _stem(target)
+    stem = strip_image_ending(target)
     if save_probabilities:
         with atomic_output(target.with_name(stem + ".npz")) as tmp:
             with open(tmp, "wb") as f:
@@ -210,13 +211,8 @@ def predict_case_to_files(
     return prediction
 
 
-def _stem(path: Path) -> str:
-    ending = image_ending(path)
-    return path.name[: -len(ending)] if ending else path.stem
-
-
 def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool) -> bool:
-    stem = _stem(target)
+    stem = strip_image_ending(target)
     wanted = [target]
     if save_probabilities:
         wanted += [target.with_name(stem + ".npz"), target.with_name(stem + ".pkl")]

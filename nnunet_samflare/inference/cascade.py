@@ -363,12 +363,11 @@ class CascadePredictor:
             if self.postprocess:
                 segmentation = postprocess_flare(segmentation)
             if probabilities is not None:
-                roi_probabilities = resize_nearest(probabilities, box_shape).numpy()
-                background = self._background_probabilities(full_shape)
-                probabilities = paste_roi(roi_probabilities, box, full_shape, fill=0)
-                outside = np.ones(full_shape, dtype=bool)
-                outside[tuple(slice(lo, hi) for lo, hi in box)] = False
-                probabilities[:, outside] = background[:, outside]
+                full_probabilities = self._background_probabilities(full_shape)  # outside the ROI
+                full_probabilities[(slice(None), *(slice(lo, hi) for lo, hi in box))] = resize_nearest(
+                    probabilities, box_shape
+                ).numpy()
+                probabilities = full_probabilities
         return CasePrediction(segmentation, properties, box, timings, probabilities)
 
     def _background_probabilities(self, shape: Sequence[int]) -> np.ndarray:

@@ -22,11 +22,11 @@ from nnunet_samflare.inference.io import (
     InputError,
     check_num_channels,
     find_cases,
-    image_ending,
     list_image_files,
     read_case,
     read_label_map,
     remove_stale_temporaries,
+    strip_image_ending,
     write_image_atomic,
     write_seg_atomic,
 )
@@ -86,7 +86,8 @@ def uncrop_folder(
     record_files = sorted(p for p in roi_dir.glob("*.json") if not p.name.startswith("."))
     if not record_files:
         raise InputError(roi_dir, "no ROI records (<case>.json) found; run samflare locate first")
-    predictions = {_case_id(p): p for p in list_image_files(prediction_dir)} if prediction_dir.is_dir() else {}
+    files = list_image_files(prediction_dir) if prediction_dir.is_dir() else []
+    predictions = {strip_image_ending(p): p for p in files}
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for record_file in record_files:
@@ -110,7 +111,3 @@ def uncrop_folder(
         write_seg_atomic(segmentation, properties_from_roi_record(record), target)
         written.append(target)
     return written
-
-
-def _case_id(path: Path) -> str:
-    return path.name[: -len(image_ending(path))]

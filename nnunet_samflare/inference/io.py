@@ -89,9 +89,11 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     )
 
 
-def _strip_ending(path: Path) -> str:
+def strip_image_ending(path: str | os.PathLike) -> str:
+    """The file name without its image ending (``case.nii.gz`` -> ``case``); the plain name for other files."""
+    path = Path(path)
     ending = image_ending(path)
-    return path.name[: len(path.name) - len(ending)]
+    return path.name[: len(path.name) - len(ending)] if ending else path.name
 
 
 def _cases_from_image_files(files: Sequence[Path]) -> list[Case]:
@@ -100,7 +102,7 @@ def _cases_from_image_files(files: Sequence[Path]) -> list[Case]:
     named by its whole stem (``_0000`` is never part of a case id, so outputs are ``<case>.<ext>``)."""
     by_key: dict[tuple[str, str], dict[int, Path]] = {}
     for f in files:
-        m = _CHANNEL_SUFFIX.match(_strip_ending(f))
+        m = _CHANNEL_SUFFIX.match(strip_image_ending(f))
         if m is not None:
             by_key.setdefault((m["case"], image_ending(f)), {})[int(m["channel"])] = f
 
@@ -121,7 +123,7 @@ def _cases_from_image_files(files: Sequence[Path]) -> list[Case]:
         )
     for f in files:
         if f not in claimed:
-            case_id = _strip_ending(f)
+            case_id = strip_image_ending(f)
             cases.append(Case(case_id=case_id, files=(f,), output_name=case_id + image_ending(f)))
     return cases
 
