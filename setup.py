@@ -54,12 +54,16 @@ setup(
         "nnunet_samflare.cli",
         "nnunet_samflare.nnunet_trainers",
         "nnunet_samflare.plans",
+        "nnunet_samflare.example_data",
     ],
     package_dir={
         "nnunet_samflare.nnunet_trainers": "trainers",
         "nnunet_samflare.plans": "plans",
     },
-    package_data={"nnunet_samflare.plans": ["*.json"]},
+    package_data={
+        "nnunet_samflare.plans": ["*.json"],
+        "nnunet_samflare.example_data": ["README.md", "flare_like/*.json", "flare_like/*/*.nii.gz"],
+    },
     py_modules=["nnunet_samflare_autoregister"],
     cmdclass={"build_py": BuildPyWithPth},
     install_requires=[

@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-#: ``<repo>/../shared/data``: the shared test data (never copied into the repository).
-DEFAULT_DATA = REPO.parent / "shared" / "data"
+#: The example dataset that ships with the package (real CT, FLARE23 ids).
+DEFAULT_DATASET = REPO / "nnunet_samflare" / "example_data" / "flare_like"
 MIB = 1024 * 1024
 
 
 # -- commands -----------------------------------------------------------------------------------------------
 
 #: nnU-Net console scripts as entry functions, so that they also work where ``pip --target`` left no scripts
-#: (the GPU kit, ``../shared/device/README.md``).
+#: (the GPU kit, ``benchmarks/README.md``).
 NNUNET_ENTRY_POINTS = {
     "nnUNetv2_plan_and_preprocess": "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:"
     "plan_and_preprocess_entry",

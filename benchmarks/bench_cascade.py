@@ -2,7 +2,7 @@
 
 What it does (everything under ``--workdir``, a temporary folder by default; nothing is written into the repo):
 
-1. **Data.** The real CT ``--case`` (default TSEX_0001 of ``<repo>/../shared/data/flare_like``, 122×101×112 at
+1. **Data.** The real CT ``--case`` (default TSEX_0001 of the package's example dataset ``nnunet_samflare/example_data/flare_like``, 122×101×112 at
    3 mm) is resampled with SimpleITK to ``--size`` (default 512×512×215, x×y×z) over the same physical extent
    (spacing = extent / size; voxel centres re-aligned), linear interpolation for the image (int16 HU), nearest
    neighbour for the labels. A second case (``--second-case``, default TSEX_0002, a 30-slice crop of the same
@@ -826,7 +826,7 @@ def ground_truth_box_mm(label_file: str) -> list[float] | None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", type=Path, default=lib.DEFAULT_DATA / "flare_like",
+    p.add_argument("--data", type=Path, default=lib.DEFAULT_DATASET,
                    help="raw nnU-Net dataset holding the CTs (default: %(default)s)")
     p.add_argument("--case", default="TSEX_0001", help="the benchmark CT (default: %(default)s)")
     p.add_argument("--second-case", default="TSEX_0002", help="second case for planning (default: %(default)s)")

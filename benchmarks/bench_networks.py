@@ -31,7 +31,7 @@ meta device, the same counter for all three networks) are per forward of one pat
 
 Plans: ``--plans`` is an ``nnUNetPlans.json`` (or the ``nnUNet_preprocessed/DatasetX`` folder holding it; its
 ``dataset.json`` is read from the same folder unless ``--dataset-json``). Without ``--plans`` the script plans
-the raw dataset ``--data`` (default ``<repo>/../shared/data/flare_like``) with stock
+the raw dataset ``--data`` (default the package's example dataset ``nnunet_samflare/example_data/flare_like``) with stock
 ``nnUNetv2_plan_and_preprocess --no_pp`` in a temporary folder (a few seconds; the raw data is linked, not
 copied). ``--samflare-plans`` defaults to ``derive_samflare_plans`` of those same nnU-Net plans.
 
@@ -542,7 +542,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--data",
         type=Path,
-        default=lib.DEFAULT_DATA / "flare_like",
+        default=lib.DEFAULT_DATASET,
         help="raw nnU-Net dataset planned when --plans is not given (default: %(default)s)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

@@ -1,6 +1,6 @@
 """Load the FLARE23 authors' weights into our networks (METHOD.md §11 #2).
 
-The authors' tensor names and shapes are listed in ``shared/spec/reference_state_dict_keys.tsv``: phase 1 is
+The authors' tensor names and shapes are listed in ``tests/data/reference_state_dict_keys.tsv``: phase 1 is
 their FasterNet (our :class:`~nnunet_samflare.networks.PConvLocator`), phase 2 their SMT/UNETR model (our
 :class:`~nnunet_samflare.networks.SAMHybridUNet`). Only the default (paper) configurations are supported.
 Modules their forward pass never uses (phase 1: the dense decoder ``decode_stages_list``/``trans_up``/

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nnunet-samflare workflow on the real CT of ../shared/data/flare_like, sized for a CPU (~4 min on
+# The whole nnunet-samflare workflow on the example CT shipped in nnunet_samflare/example_data/flare_like, sized for a CPU (~4 min on
 # 2 cores): stock nnU-Net planning → samflare plan → preprocessing → training both phases (1-epoch debug
 # trainers) → samflare predict (cascade, with stats and previews) → samflare evaluate (FLARE DSC/NSD).
 #
@@ -9,7 +9,7 @@
 # drop the CPU sizing (--segmenter_* below) and the Debug trainers: see README "Workflow".
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-data=${1:-$here/../shared/data/flare_like}
+data=${1:-$here/nnunet_samflare/example_data/flare_like}
 work=${2:-$(mktemp -d /tmp/samflare-demo.XXXXXX)}
 dataset=Dataset501_FlareLike
 export nnUNet_raw=$work/raw nnUNet_preprocessed=$work/preprocessed nnUNet_results=$work/results

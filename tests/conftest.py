@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CT of ``../shared/data`` run through the stock nnU-Net workflow once per session.
+"""Shared fixtures: the real CT of the example dataset run through the stock nnU-Net workflow once per session.
 
 The session fixtures below do what a user does (README "Workflow"), with the console scripts of this
 interpreter's environment and settings that keep nnU-Net affordable on a 2-core CPU (NNUNET.md §7):
@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from nnunet_samflare.example_data import FLARE_LIKE
+
+#: Reduced real CT that only the tests need (partially labelled and tumor cases; see data/README.md).
+TEST_DATA = Path(__file__).resolve().parent / "data"
+_DATASETS = {
+    "flare_like": FLARE_LIKE,
+    "partial": TEST_DATA / "partial",
+    "tumor_pseudohu": TEST_DATA / "tumor_pseudohu",
+}
 BIN = Path(sys.executable).parent
 DATASET_ID = 501
 DATASET_NAME = "Dataset501_FlareLike"
@@ -76,20 +84,30 @@ class NnUNetFolders:
         return self.results / DATASET_NAME / f"{trainer}__{PLANS}__{configuration}"
 
 
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"test data not found at {SHARED_DATA} (the repository must sit beside ../shared)")
-    return SHARED_DATA
+def dataset(name: str) -> Path:
+    """A real-CT dataset carried by the repository; a missing one is an error, never a silent skip."""
+    folder = _DATASETS[name]
+    if not (folder / "dataset.json").is_file():
+        raise FileNotFoundError(f"test data {name!r} not found at {folder}: the checkout is incomplete")
+    return folder
+
+
+def data_file(name: str, kind: str, case: str) -> Path:
+    """``imagesTr/<case>_0000.nii.gz`` (kind ``image``) or ``labelsTr/<case>.nii.gz`` (kind ``label``)."""
+    folder = dataset(name)
+    path = folder / "imagesTr" / f"{case}_0000.nii.gz" if kind == "image" else folder / "labelsTr" / f"{case}.nii.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"test data file {path} is missing")
+    return path
 
 
 @pytest.fixture(scope="session")
-def nnunet_folders(tmp_path_factory, shared_data) -> NnUNetFolders:
+def nnunet_folders(tmp_path_factory) -> NnUNetFolders:
     root = tmp_path_factory.mktemp("nnunet")
     folders = NnUNetFolders(root / "raw", root / "preprocessed", root / "results")
     for folder in (folders.raw, folders.preprocessed, folders.results):
         folder.mkdir()
-    shutil.copytree(shared_data / "flare_like", folders.raw / DATASET_NAME)
+    shutil.copytree(dataset("flare_like"), folders.raw / DATASET_NAME)
     return folders
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import SHARED_DATA
+from conftest import data_file
 
-CT = SHARED_DATA / "flare_like" / "imagesTr" / "TSEX_0002_0000.nii.gz"
+CT = data_file("flare_like", "image", "TSEX_0002")
 
 
 def _write(image, path):

@@ -27,6 +27,7 @@ from conftest import (
     PLANS,
     SEGMENTER_TRAINER,
     command,
+    data_file,
     read_json,
 )
 from image_factory import make_bad_input, oblique_anisotropic, write_dicom_series
@@ -49,8 +50,8 @@ def predictor(models):
 
 
 @pytest.fixture
-def ct(shared_data) -> sitk.Image:
-    return sitk.ReadImage(str(shared_data / "flare_like" / "imagesTr" / "TSEX_0002_0000.nii.gz"))
+def ct() -> sitk.Image:
+    return sitk.ReadImage(str(data_file("flare_like", "image", "TSEX_0002")))
 
 
 def assert_same_geometry(a: sitk.Image, b: sitk.Image) -> None:

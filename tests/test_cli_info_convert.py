@@ -13,7 +13,9 @@ import torch
 from nnunet_samflare.cli import main
 from nnunet_samflare.networks import PConvLocator
 
-SPEC_TSV = Path(__file__).resolve().parents[2] / "shared" / "spec" / "reference_state_dict_keys.tsv"
+from conftest import TEST_DATA
+
+SPEC_TSV = TEST_DATA / "reference_state_dict_keys.tsv"
 
 
 def authors_locator_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from nnunet_samflare.evaluation.evaluate import (
 )
 from nnunet_samflare.evaluation.plots import plot_metrics
 
+from conftest import dataset
+
 LIVER, AORTA, TUMOR = 1, 5, 14
 LABELS = (LIVER, AORTA, TUMOR)
 
@@ -136,8 +138,8 @@ def test_table_has_the_layout_of_table_3(toy):
     assert "DSC mean ± std" in lines[1] and "NSD mean ± std" in lines[1]
 
 
-def test_real_partial_dataset_scores_only_annotated_labels(shared_data, tmp_path):
-    ref = shared_data / "partial" / "labelsTr"
+def test_real_partial_dataset_scores_only_annotated_labels(tmp_path):
+    ref = dataset("partial") / "labelsTr"
     pred = tmp_path / "pred"
     shutil.copytree(ref, pred)
     result = evaluate_folders(ref, pred)  # partial/dataset.json is REF_DIR's parent
@@ -149,9 +151,9 @@ def test_real_partial_dataset_scores_only_annotated_labels(shared_data, tmp_path
     assert result["summary"]["tumor_DSC"] is None
 
 
-def test_real_pair_through_files_and_workers(shared_data, tmp_path):
+def test_real_pair_through_files_and_workers(tmp_path):
     """flare_like against itself with TSEX_0002's liver eroded; also the 'present' means (no esophagus)."""
-    ref = shared_data / "flare_like" / "labelsTr"
+    ref = dataset("flare_like") / "labelsTr"
     pred = tmp_path / "pred"
     pred.mkdir()
     shutil.copy(ref / "TSEX_0001.nii.gz", pred)

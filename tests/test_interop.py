@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,9 @@ import torch.nn.functional as F
 from nnunet_samflare.interop import convert_reference_state_dict, load_reference_checkpoint
 from nnunet_samflare.networks import PConvLocator, SAMHybridUNet
 
-SPEC_TSV = Path(__file__).resolve().parents[2] / "shared" / "spec" / "reference_state_dict_keys.tsv"
+from conftest import TEST_DATA
+
+SPEC_TSV = TEST_DATA / "reference_state_dict_keys.tsv"
 
 DEAD = {"locator": ("decode_stages_list.", "trans_up.", "outconv0."), "segmenter": ("decoder1.",)}
 TSV_SECTION = {"locator": "phase1", "segmenter": "phase2"}
@@ -30,7 +31,7 @@ TSV_SECTION = {"locator": "phase1", "segmenter": "phase2"}
 def reference_shapes(phase: str) -> dict[str, tuple[int, ...]]:
     """The authors' key -> shape table for one phase, parsed from the spec TSV."""
     if not SPEC_TSV.is_file():
-        raise FileNotFoundError(f"{SPEC_TSV} is missing: the tests expect ../shared/spec beside the repository")
+        raise FileNotFoundError(f"{SPEC_TSV} is missing: the checkout is incomplete")
     shapes: dict[str, tuple[int, ...]] = {}
     section = None
     for line in SPEC_TSV.read_text(encoding="utf-8").splitlines():

@@ -25,10 +25,10 @@ from nnunet_samflare.inference.io import (
     write_seg_atomic,
 )
 
+from conftest import data_file
 from image_factory import make_bad_input, truncate, write_dicom_series
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CT = DATA / "flare_like" / "imagesTr" / "TSEX_0002_0000.nii.gz"  # 122 x 101 x 30, 3 mm, int16 HU, RAS on disk
+CT = data_file("flare_like", "image", "TSEX_0002")  # 122 x 101 x 30, 3 mm, int16 HU, RAS on disk
 
 
 def _sha(path):

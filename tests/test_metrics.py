@@ -25,6 +25,8 @@ from nnunet_samflare.evaluation.metrics import (
     surface_dice,
 )
 
+from conftest import data_file
+
 AORTA, LIVER = 5, 1
 
 
@@ -343,8 +345,8 @@ def independent_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing, toleranc
 
 
 @pytest.mark.parametrize("organ", [3, 5, 12])  # spleen (3 mm), aorta (2 mm, slab), duodenum (7 mm)
-def test_real_scan_with_one_organ_eroded(shared_data, organ):
-    reference, spacing = read_label_map(shared_data / "flare_like" / "labelsTr" / "TSEX_0001.nii.gz")
+def test_real_scan_with_one_organ_eroded(organ):
+    reference, spacing = read_label_map(data_file("flare_like", "label", "TSEX_0001"))
     gt = reference == organ
     eroded = ndimage.binary_erosion(gt)
     prediction = reference.copy()
@@ -362,11 +364,11 @@ def test_real_scan_with_one_organ_eroded(shared_data, organ):
     assert all(m == {"DSC": 1.0, "NSD": 1.0} for m in others.values())
 
 
-def test_real_anisotropic_tumor_shift_in_plane_vs_across_slices(shared_data):
+def test_real_anisotropic_tumor_shift_in_plane_vs_across_slices():
     """DLPS_0002: 0.98 mm in-plane, 5 mm slices, tumor tolerance 2 mm. A one-voxel in-plane shift moves the
     surface by < 2 mm (NSD exactly 1); a one-slice shift moves it by 5 mm (NSD < 1). Swapping the spacing
     order would invert both."""
-    reference, spacing = read_label_map(shared_data / "tumor_pseudohu" / "labelsTr" / "DLPS_0002.nii.gz")
+    reference, spacing = read_label_map(data_file("tumor_pseudohu", "label", "DLPS_0002"))
     assert spacing[0] == 5.0 and spacing[2] < 1.0
     tumor = reference == 14
     in_plane = case_metrics(reference, np.roll(reference, 1, axis=2), spacing, [14])[14]

@@ -16,6 +16,7 @@ from conftest import (
     PLANS,
     SEGMENTER_TRAINER,
     command,
+    data_file,
     read_json,
 )
 
@@ -74,9 +75,9 @@ def test_locator_model_is_binary_over_all_labels(trained_models):
     [("3d_locator", LOCATOR_TRAINER, {0, 1}), ("3d_segmenter", SEGMENTER_TRAINER, set(range(15)))],
 )
 def test_stock_nnunet_predict_writes_label_map_in_input_geometry(
-    trained_models, tmp_path, shared_data, configuration, trainer, allowed_labels
+    trained_models, tmp_path, configuration, trainer, allowed_labels
 ):
-    source = shared_data / "flare_like" / "imagesTr" / "TSEX_0002_0000.nii.gz"
+    source = data_file("flare_like", "image", "TSEX_0002")
     (tmp_path / "in").mkdir()
     shutil.copy(source, tmp_path / "in" / source.name)
     trained_models.run(

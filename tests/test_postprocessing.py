@@ -23,8 +23,9 @@ from nnunet_samflare.inference.postprocessing import (
 )
 from nnunet_samflare.inference.roi import remove_small_components
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TUMOR_LABELS = sorted((DATA / "tumor_pseudohu" / "labelsTr").glob("*.nii.gz"))
+from conftest import data_file
+
+TUMOR_LABELS = [data_file("tumor_pseudohu", "label", f"DLPS_{i:04d}") for i in range(1, 7)]
 LIVER, KIDNEY, SPLEEN, TUMOR = 1, 2, 3, 14
 
 

@@ -1,7 +1,6 @@
 """Per-organ stats (volume in mL, mean HU) and the preview PNG (aspect ratio from the spacing, orientation)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +8,7 @@ from scipy import ndimage
 
 from nnunet_samflare.inference.reports import LABEL_COLOURS, organ_stats, save_preview_png, save_stats_json
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from conftest import data_file
 
 
 def test_organ_stats_volumes_and_mean_hu():
@@ -104,8 +103,8 @@ def test_preview_shows_superior_up_and_follows_direction(tmp_path):
 def test_preview_of_real_case(tmp_path):
     import SimpleITK as sitk
 
-    image = sitk.ReadImage(str(DATA / "flare_like" / "imagesTr" / "TSEX_0001_0000.nii.gz"))
-    labels = sitk.ReadImage(str(DATA / "flare_like" / "labelsTr" / "TSEX_0001.nii.gz"))
+    image = sitk.ReadImage(str(data_file("flare_like", "image", "TSEX_0001")))
+    labels = sitk.ReadImage(str(data_file("flare_like", "label", "TSEX_0001")))
     path = save_preview_png(
         sitk.GetArrayFromImage(image),
         sitk.GetArrayFromImage(labels),
