@@ -47,6 +47,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "nnunet_samflare",
+        "nnunet_samflare.io",
         "nnunet_samflare.networks",
         "nnunet_samflare.training",
         "nnunet_samflare.inference",

@@ -12,7 +12,6 @@ from scipy import ndimage
 
 from nnunet_samflare.cli import main
 from nnunet_samflare.evaluation.evaluate import (
-    LABEL_FILE_ENDINGS,
     evaluate_folders,
     find_label_files,
     format_table,
@@ -183,12 +182,14 @@ def test_label_spec_forms():
             parse_label_spec(bad)
 
 
-def test_case_matching_by_name_with_any_nnunet_ending(tmp_path):
-    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+def test_case_matching_by_name_with_the_endings_predict_writes(tmp_path):
+    from nnunet_samflare.io import TEMP_PREFIX, find_cases
 
-    assert set(LABEL_FILE_ENDINGS) == {e for io in LIST_OF_IO_CLASSES for e in io.supported_file_endings}
-    for name in ("a.nii.gz", "b.nrrd", "c.mha", "d.nii", "plans.json", "e.npz"):
+    for name in ("a.nii.gz", "b.nrrd", "c.mha", "d.nii", "plans.json", "e.npz", "f_preview.png", "g.tif",
+                 f"{TEMP_PREFIX}0123-h.nii.gz", ".hidden.nii.gz"):
         (tmp_path / name).write_bytes(b"")
+    # one discovery rule: evaluate sees exactly the cases predict would (hidden temporaries included: never)
+    assert set(find_label_files(tmp_path)) == {c.case_id for c in find_cases(tmp_path)}
     assert {k: v.name for k, v in find_label_files(tmp_path).items()} == {
         "a": "a.nii.gz",
         "b": "b.nrrd",

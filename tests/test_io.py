@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_samflare.inference import io as sf_io
-from nnunet_samflare.inference.io import (
+from nnunet_samflare.io import (
     TEMP_PREFIX,
     Case,
     InputError,
@@ -23,6 +22,7 @@ from nnunet_samflare.inference.io import (
     write_image_atomic,
     write_json_atomic,
     write_seg_atomic,
+    writing,
 )
 
 from conftest import data_file
@@ -316,7 +316,7 @@ def test_failed_write_leaves_no_partial_file_and_keeps_the_old_one(tmp_path, mon
         Path(path).write_bytes(b"half a file")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sf_io.sitk, "WriteImage", crashing_write)
+    monkeypatch.setattr(writing.sitk, "WriteImage", crashing_write)
     with pytest.raises(RuntimeError, match="disk full"):
         write_image_atomic(_small_image(), out)
     (tmp,) = seen
@@ -341,3 +341,22 @@ def test_input_error_is_picklable():
     error = pickle.loads(pickle.dumps(InputError("/data/x.nii.gz", "empty file (0 bytes)")))
     assert str(error) == "/data/x.nii.gz: empty file (0 bytes)" and error.path == "/data/x.nii.gz"
     assert Case("a", (Path("a.nii.gz"),), "a.nii.gz").source == Path("a.nii.gz")
+
+
+@pytest.mark.parametrize("top_label", [14, 300])
+def test_in_memory_label_map_equals_what_nnunets_writer_writes(tmp_path, top_label):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_samflare.io import nnunet_properties, seg_to_image
+
+    image = _small_image()
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    seg = np.zeros((4, 5, 6), dtype=np.int64)
+    seg[1, 2, 3] = top_label
+    properties = nnunet_properties(image)
+    SimpleITKIO().write_seg(seg, str(tmp_path / "stock.nii.gz"), properties)
+    stock, ours = sitk.ReadImage(str(tmp_path / "stock.nii.gz")), seg_to_image(seg, properties)
+    assert ours.GetPixelID() == stock.GetPixelID() == (sitk.sitkUInt8 if top_label < 255 else sitk.sitkUInt16)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(stock))
+    for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(ours, get)() == pytest.approx(getattr(stock, get)())

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_samflare.errors import InputError
 from nnunet_samflare.evaluation.metrics import (
     DECIMALS,
     DEFAULT_NSD_CUTOFF,
@@ -37,35 +38,36 @@ from nnunet_samflare.evaluation.metrics import (
     read_label_map,
     round_metric,
 )
-from nnunet_samflare.inference.io import write_json_atomic
+from nnunet_samflare.io import IMAGE_ENDINGS, image_ending, list_image_files, strip_image_ending, write_json_atomic
 from nnunet_samflare.labels import ALL_FOREGROUND_LABELS, FLARE_LABELS, ORGAN_LABELS, TUMOR_LABEL
 
-# Endings nnU-Net's readers accept (nnunetv2.imageio). All are read with SimpleITK, so for .tif the spacing
-# is SimpleITK's, not that of nnU-Net's side-car JSON.
-LABEL_FILE_ENDINGS: tuple[str, ...] = (".nii.gz", ".nrrd", ".gipl", ".tiff", ".nii", ".mha", ".png", ".bmp", ".tif")
+#: The endings of label map files: the same as the scans' (one list, in :mod:`nnunet_samflare.io.cases`).
+LABEL_FILE_ENDINGS: tuple[str, ...] = IMAGE_ENDINGS
 METRIC_NAMES = ("DSC", "NSD")
 
 
-def case_name(path: Path, endings: Sequence[str] = LABEL_FILE_ENDINGS) -> str | None:
-    """The case id of a label file (its name without the ending), or None for files that are not images."""
-    for ending in endings:
-        if path.name.endswith(ending) and len(path.name) > len(ending):
-            return path.name[: -len(ending)]
-    return None
+def case_name(path: Path, endings: Sequence[str] = IMAGE_ENDINGS) -> str | None:
+    """The case id of a label file (its name without the ending), or None for files that are not label maps:
+    other endings, and hidden files (which include the temporaries of an interrupted write)."""
+    path = Path(path)
+    ending = image_ending(path)
+    if ending is None or ending not in endings or path.name.startswith("."):
+        return None
+    return strip_image_ending(path)
 
 
-def find_label_files(folder: str | Path, endings: Sequence[str] = LABEL_FILE_ENDINGS) -> dict[str, Path]:
+def find_label_files(folder: str | Path, endings: Sequence[str] = IMAGE_ENDINGS) -> dict[str, Path]:
     """``{case: file}`` for every label map in ``folder`` (not recursive) with one of ``endings``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such directory")
     files: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        name = case_name(path, endings) if path.is_file() else None
+    for path in list_image_files(folder):
+        name = case_name(path, endings)
         if name is None:
             continue
         if name in files:
-            raise ValueError(f"{folder}: case {name} has two label files ({files[name].name}, {path.name})")
+            raise InputError(folder, f"case {name} has two label files ({files[name].name}, {path.name})")
         files[name] = path
     return files
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nnunet_samflare.evaluation.evaluate import LABEL_FILE_ENDINGS
-from nnunet_samflare.inference.io import write_json_atomic
+from nnunet_samflare.io import write_json_atomic
 
 SAMPLE_INTERVAL_S = 0.1
 MIB = 1024 * 1024

@@ -27,7 +27,8 @@ from nnunet_samflare.inference.cascade import (
     CasePrediction,
     model_folder,
 )
-from nnunet_samflare.inference.io import (
+from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
+from nnunet_samflare.io import (
     Case,
     InputError,
     atomic_output,
@@ -41,7 +42,9 @@ from nnunet_samflare.inference.io import (
     write_json_atomic,
     write_seg_atomic,
 )
-from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
+
+#: What messages call an image passed as a ``SimpleITK.Image``.
+IN_MEMORY = "<in-memory image>"
 
 
 def default_device() -> str:
@@ -117,9 +120,9 @@ def predict(
     (``dataset``, ``locator``, ``segmenter``, ``device``, ``tta``, ``gaussian``, ``margin_mm``, ...).
     """
     if isinstance(input, sitk.Image):
-        data, properties = read_case(input)
+        data, properties = read_case(input, IN_MEMORY)
         predictor = predictor or build_predictor(**predictor_options)
-        _check_channels(data.shape[0], predictor, "<in-memory image>")
+        check_num_channels(Case(IN_MEMORY, (Path(IN_MEMORY),), IN_MEMORY), predictor.num_input_channels)
         prediction = predictor.predict_case(data, properties)
         if output is None:
             return seg_to_image(prediction.segmentation, properties)
@@ -221,11 +224,6 @@ def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool)
     if preview:
         wanted.append(target.with_name(stem + "_preview.png"))
     return all(p.is_file() for p in wanted)
-
-
-def _check_channels(n: int, predictor: CascadePredictor, name: str) -> None:
-    if n != predictor.num_input_channels:
-        raise InputError(name, f"image has {n} channel(s), the models expect {predictor.num_input_channels}")
 
 
 def _write_model_files(predictor: CascadePredictor, out_dir: Path) -> None:

@@ -18,7 +18,14 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_samflare.inference.cascade import CascadePredictor, resize_nearest
-from nnunet_samflare.inference.io import (
+from nnunet_samflare.inference.roi import (
+    load_roi_record,
+    paste_into_original,
+    properties_from_roi_record,
+    roi_record_from_properties,
+    save_roi_record,
+)
+from nnunet_samflare.io import (
     InputError,
     check_num_channels,
     find_cases,
@@ -29,13 +36,6 @@ from nnunet_samflare.inference.io import (
     strip_image_ending,
     write_image_atomic,
     write_seg_atomic,
-)
-from nnunet_samflare.inference.roi import (
-    load_roi_record,
-    paste_into_original,
-    properties_from_roi_record,
-    roi_record_from_properties,
-    save_roi_record,
 )
 
 ROI_IMAGE_SUFFIX = "_0000"

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_samflare.inference.io import atomic_output, write_json_atomic
+from nnunet_samflare.io import atomic_output, write_json_atomic
 from nnunet_samflare.labels import FLARE_LABELS
 
 # One fixed colour per FLARE label so that previews of different cases can be compared at a glance.
