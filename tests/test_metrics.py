@@ -20,7 +20,7 @@ from nnunet_samflare.evaluation.metrics import (
     case_metrics,
     evaluate_case_files,
     label_metrics,
-    read_label_map,
+    read_label_array,
     round_metric,
     surface_dice,
 )
@@ -279,9 +279,9 @@ def write_image(array_zyx: np.ndarray, path, spacing_xyz=(0.5, 0.8, 3.0)) -> Non
     sitk.WriteImage(image, str(path))
 
 
-def test_read_label_map_gives_zyx_arrays_and_spacing(tmp_path):
+def test_read_label_array_gives_zyx_arrays_and_spacing(tmp_path):
     write_image(np.zeros((4, 5, 6), np.uint8), tmp_path / "a.nii.gz")
-    array, spacing = read_label_map(tmp_path / "a.nii.gz")
+    array, spacing = read_label_array(tmp_path / "a.nii.gz")
     assert array.shape == (4, 5, 6)
     assert spacing == pytest.approx((3.0, 0.8, 0.5))
 
@@ -346,7 +346,7 @@ def independent_surface_dice(gt: np.ndarray, pred: np.ndarray, spacing, toleranc
 
 @pytest.mark.parametrize("organ", [3, 5, 12])  # spleen (3 mm), aorta (2 mm, slab), duodenum (7 mm)
 def test_real_scan_with_one_organ_eroded(organ):
-    reference, spacing = read_label_map(data_file("flare_like", "label", "TSEX_0001"))
+    reference, spacing = read_label_array(data_file("flare_like", "label", "TSEX_0001"))
     gt = reference == organ
     eroded = ndimage.binary_erosion(gt)
     prediction = reference.copy()
@@ -368,7 +368,7 @@ def test_real_anisotropic_tumor_shift_in_plane_vs_across_slices():
     """DLPS_0002: 0.98 mm in-plane, 5 mm slices, tumor tolerance 2 mm. A one-voxel in-plane shift moves the
     surface by < 2 mm (NSD exactly 1); a one-slice shift moves it by 5 mm (NSD < 1). Swapping the spacing
     order would invert both."""
-    reference, spacing = read_label_map(data_file("tumor_pseudohu", "label", "DLPS_0002"))
+    reference, spacing = read_label_array(data_file("tumor_pseudohu", "label", "DLPS_0002"))
     assert spacing[0] == 5.0 and spacing[2] < 1.0
     tumor = reference == 14
     in_plane = case_metrics(reference, np.roll(reference, 1, axis=2), spacing, [14])[14]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
+import torch
 
 from nnunet_samflare.training.plans import derive_samflare_plans, load_configuration_templates
 
@@ -45,7 +47,31 @@ def test_adds_both_configurations_and_keeps_the_source():
     assert segmenter["spacing"] == [2.0, 1.5, 1.5] and segmenter["patch_size"] == [96, 96, 96]
     # extent 300 x 409.6 x 409.6 mm over 128 voxels, never finer than the 2.5 / 0.8 mm data
     assert locator["spacing"] == [2.5, 3.2, 3.2]
-    assert locator["architecture"] == load_configuration_templates()["3d_locator"]["architecture"]
+    # The architectures the plans carry are the paper's networks (independent figure: the parameter counts).
+    assert count_parameters(build(locator["architecture"], num_classes=2)) == 1_383_746
+    assert count_parameters(build(segmenter["architecture"], num_classes=15)) == 35_844_525
+    assert json.loads(json.dumps(plans)) == plans  # plain JSON, as nnU-Net reads it back
+
+
+def build(architecture, num_classes):
+    import pydoc
+
+    cls = pydoc.locate(architecture["network_class_name"])
+    with torch.device("meta"):
+        return cls(1, num_classes, False, **architecture["arch_kwargs"])
+
+
+def count_parameters(network):
+    return sum(p.numel() for p in network.parameters())
+
+
+def test_trainer_and_plan_names_are_the_ones_nnunet_finds():
+    from nnunet_samflare.training import trainers
+    from nnunet_samflare.training.names import LOCATOR_TRAINER, SEGMENTER_TRAINER
+
+    assert trainers.nnUNetTrainer_SAMFlareLocator.__name__ == LOCATOR_TRAINER
+    assert trainers.nnUNetTrainer_SAMFlareSegmenter.__name__ == SEGMENTER_TRAINER
+    assert set(load_configuration_templates()) == {"3d_locator", "3d_segmenter"}
 
 
 def test_spacings_follow_transpose_forward():

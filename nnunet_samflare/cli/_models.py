@@ -2,14 +2,16 @@
 
 import argparse
 
+from nnunet_samflare.training.names import DEFAULT_PLANS_NAME, LOCATOR_TRAINER, SEGMENTER_TRAINER
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags mirror nnUNetv2_predict where they mean the same thing."""
     g = p.add_argument_group("models (found like nnUNetv2_predict finds them, or given as folders)")
     g.add_argument("-d", dest="dataset", help="dataset name or id")
-    g.add_argument("-p", dest="plans", default="samflarePlans", help="plans identifier (default: %(default)s)")
-    g.add_argument("--locator_trainer", default="nnUNetTrainer_SAMFlareLocator", help="default: %(default)s")
-    g.add_argument("--segmenter_trainer", default="nnUNetTrainer_SAMFlareSegmenter", help="default: %(default)s")
+    g.add_argument("-p", dest="plans", default=DEFAULT_PLANS_NAME, help="plans identifier (default: %(default)s)")
+    g.add_argument("--locator_trainer", default=LOCATOR_TRAINER, help="default: %(default)s")
+    g.add_argument("--segmenter_trainer", default=SEGMENTER_TRAINER, help="default: %(default)s")
     g.add_argument("--locator", metavar="DIR", help="locator model folder (overrides -d/-p/--locator_trainer)")
     g.add_argument("--segmenter", metavar="DIR", help="segmenter model folder (overrides -d/-p/--segmenter_trainer)")
     g.add_argument("-f", dest="folds", nargs="+", help="folds to use, e.g. 0 1 2 3 4 or all (default: all found)")

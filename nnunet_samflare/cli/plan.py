@@ -2,18 +2,27 @@
 
 import argparse
 
+from nnunet_samflare.training.names import (
+    DEFAULT_PLANS_NAME,
+    DEFAULT_SOURCE_PLANS_NAME,
+    LOCATOR_CONFIGURATION,
+    SEGMENTER_CONFIGURATION,
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plan",
-        help="write samflarePlans.json (3d_locator + 3d_segmenter) next to the dataset's nnU-Net plans",
+        help=f"write {DEFAULT_PLANS_NAME}.json ({LOCATOR_CONFIGURATION} + {SEGMENTER_CONFIGURATION}) next to the "
+        "dataset's nnU-Net plans",
         description="Derive <plans_name>.json from the dataset's nnU-Net plans (run nnUNetv2_plan_and_preprocess "
         "first). Spacings and patch sizes are given in (z, y, x) order.",
     )
     p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
-    p.add_argument("-p", dest="source_plans", default="nnUNetPlans",
+    p.add_argument("-p", dest="source_plans", default=DEFAULT_SOURCE_PLANS_NAME,
                    help="source plans identifier, e.g. nnUNetPlans or nnUNetResEncUNetMPlans (default: %(default)s)")
-    p.add_argument("-o", "--plans_name", default="samflarePlans", help="output plans identifier (default: %(default)s)")
+    p.add_argument("-o", "--plans_name", default=DEFAULT_PLANS_NAME,
+                   help="output plans identifier (default: %(default)s)")
     p.add_argument("--locator_patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help="default 128 128 128")
     p.add_argument("--locator_spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
                    help="default: median physical extent / patch, never finer than the median spacing")
@@ -26,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     import json
 
-    from nnunet_samflare.training.plans import LOCATOR, SEGMENTER, describe_configuration, write_samflare_plans
+    from nnunet_samflare.training.plans import describe_configuration, write_samflare_plans
 
     path = write_samflare_plans(
         args.dataset,
@@ -40,7 +49,8 @@ def _run(args: argparse.Namespace) -> int:
     )
     plans = json.loads(path.read_text(encoding="utf-8"))
     print(f"wrote {path}")
-    for name in (LOCATOR, SEGMENTER):
+    for name in (LOCATOR_CONFIGURATION, SEGMENTER_CONFIGURATION):
         print("  " + describe_configuration(plans, name))
-    print(f"next: nnUNetv2_preprocess -d {args.dataset} -plans_name {args.plans_name} -c {LOCATOR} {SEGMENTER}")
+    configurations = f"{LOCATOR_CONFIGURATION} {SEGMENTER_CONFIGURATION}"
+    print(f"next: nnUNetv2_preprocess -d {args.dataset} -plans_name {args.plans_name} -c {configurations}")
     return 0

@@ -35,7 +35,7 @@ from nnunet_samflare.evaluation.metrics import (
     NSD_TOLERANCE_MM,
     SLAB_LABELS,
     evaluate_case_files,
-    read_label_map,
+    read_label_array,
     round_metric,
 )
 from nnunet_samflare.io import IMAGE_ENDINGS, image_ending, list_image_files, strip_image_ending, write_json_atomic
@@ -149,7 +149,7 @@ def _score_case(task: tuple[str, Path, Path | None, dict[str, Any]]) -> tuple[st
     case, reference_file, prediction_file, options = task
     labels, annotated = options["labels"], options["annotated"]
     if prediction_file is None:
-        present = [int(v) for v in np.unique(read_label_map(reference_file)[0]) if v != 0]
+        present = [int(v) for v in np.unique(read_label_array(reference_file)[0]) if v != 0]
         metrics = {lb: (None if annotated is not None and lb not in annotated else {"DSC": 0.0, "NSD": 0.0})
                    for lb in labels}
     else:

@@ -8,7 +8,8 @@ The rules, in the order the official evaluator applies them to each label id i:
    *reference* has the label; prediction voxels outside it are ignored. The official code slices
    ``[z_lower:z_upper]`` with ``z_upper`` the last labelled slice, which is half-open and so leaves that slice
    out (``official_slab_quirk=True``, the default, reproduces it; ``False`` keeps it). For a label on a
-   single slice that range is empty (the official code then yields NaN); we score that one slice instead.
+   single slice that range is empty, and the official evaluator crashes there: the empty slab reaches its
+   surface-distance computation. We score that one slice instead.
 3. DSC = 2|G∩P| / (|G| + |P|), counted in voxels.
 4. NSD = 0 if DSC < ``nsd_cutoff``, else DeepMind's surface Dice at the class tolerance (mm), with the
    reference's anisotropic spacing.
@@ -47,7 +48,6 @@ NSD_TOLERANCE_MM: dict[int, float] = {
 # Tubular structures that are only partly inside a scan: scored on the reference's labelled slices only.
 SLAB_LABELS: tuple[int, ...] = (5, 6, 10)
 DEFAULT_NSD_CUTOFF = 0.2  # the evaluator as published today
-FLARE23_NSD_CUTOFF = 0.1  # the value used during the FLARE23 challenge
 DECIMALS = 4
 
 Metric = dict[str, float]  # {"DSC": x, "NSD": y}
@@ -97,9 +97,9 @@ def axial_slab(reference_mask: np.ndarray, official_slab_quirk: bool = True) -> 
 
     With ``official_slab_quirk`` the range is ``[first, last)`` as in the official code, so the last labelled
     slice (highest z index in stored order) is left out. If the label lies on a single slice that range is
-    empty; the official evaluator would then compute 0/0 (NaN for DSC and NSD, which also turns every mean
-    that includes the case into NaN). We fall back to ``[first, last]`` (that one slice) instead, i.e. the
-    quirk is dropped for such a case only.
+    empty, and the official evaluator crashes on such a case (the empty masks reach its surface-distance
+    computation) instead of scoring it. We fall back to ``[first, last]`` (that one slice), i.e. the quirk is
+    dropped for such a case only.
     """
     z = np.flatnonzero(reference_mask.any(axis=tuple(range(1, reference_mask.ndim))))
     if z.size == 0:
@@ -186,17 +186,30 @@ def case_metrics(
     return result
 
 
-def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """A label map as an integer array in SimpleITK order (z, y, x) and its spacing in the same order."""
+def read_label_array(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """A label map as an integer array in SimpleITK order (z, y, x) and its spacing in the same order.
+
+    (Not to be confused with :func:`nnunet_samflare.io.read_label_map`, which returns the ``SimpleITK.Image``.)
+    """
     import SimpleITK as sitk
 
-    from nnunet_samflare.inference.io import read_label_map as read_label_image
+    from nnunet_samflare.io import read_label_map as read_label_image
 
     image = read_label_image(path)  # one-line errors for missing, unreadable, non-integer or negative maps
     array = sitk.GetArrayFromImage(image)
     if not np.issubdtype(array.dtype, np.integer):
         array = array.astype(np.int32)  # float-typed maps of whole numbers do occur
     return array, tuple(float(s) for s in reversed(image.GetSpacing()))
+
+
+def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Deprecated name of :func:`read_label_array` (``nnunet_samflare.io.read_label_map`` returns an image)."""
+    warnings.warn(
+        "nnunet_samflare.evaluation.metrics.read_label_map is deprecated: use read_label_array",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return read_label_array(path)
 
 
 def evaluate_case_files(
@@ -210,8 +223,8 @@ def evaluate_case_files(
     The spacing comes from the reference header; there is no resampling, so both files must have the same
     grid. Returns the metrics and the sorted label ids present in the reference.
     """
-    reference, spacing = read_label_map(reference_file)
-    prediction, prediction_spacing = read_label_map(prediction_file)
+    reference, spacing = read_label_array(reference_file)
+    prediction, prediction_spacing = read_label_array(prediction_file)
     if reference.shape != prediction.shape:
         raise ValueError(
             f"{prediction_file}: shape {prediction.shape} (z, y, x) does not match the reference "

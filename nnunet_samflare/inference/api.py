@@ -17,16 +17,12 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_samflare.inference.cascade import (
-    DEFAULT_LOCATOR_TRAINER,
-    DEFAULT_PLANS,
     DEFAULT_ROI_MARGIN_MM,
-    DEFAULT_SEGMENTER_TRAINER,
-    LOCATOR_CONFIGURATION,
-    SEGMENTER_CONFIGURATION,
     CascadePredictor,
     CasePrediction,
     model_folder,
 )
+from nnunet_samflare.inference.parts import select_part
 from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
 from nnunet_samflare.io import (
     Case,
@@ -41,6 +37,13 @@ from nnunet_samflare.io import (
     strip_image_ending,
     write_json_atomic,
     write_seg_atomic,
+)
+from nnunet_samflare.training.names import (
+    DEFAULT_PLANS_NAME,
+    LOCATOR_CONFIGURATION,
+    LOCATOR_TRAINER,
+    SEGMENTER_CONFIGURATION,
+    SEGMENTER_TRAINER,
 )
 
 #: What messages call an image passed as a ``SimpleITK.Image``.
@@ -60,9 +63,9 @@ def build_predictor(
     dataset: str | int | None = None,
     locator: str | os.PathLike | None = None,
     segmenter: str | os.PathLike | None = None,
-    plans: str = DEFAULT_PLANS,
-    locator_trainer: str = DEFAULT_LOCATOR_TRAINER,
-    segmenter_trainer: str = DEFAULT_SEGMENTER_TRAINER,
+    plans: str = DEFAULT_PLANS_NAME,
+    locator_trainer: str = LOCATOR_TRAINER,
+    segmenter_trainer: str = SEGMENTER_TRAINER,
     folds: Sequence[int | str] | None = None,
     checkpoint_name: str = "checkpoint_final.pth",
     device: str | None = None,
@@ -108,6 +111,8 @@ def predict(
     stats: bool = False,
     preview: bool = False,
     progress: bool = True,
+    num_parts: int = 1,
+    part_id: int = 0,
     **predictor_options: Any,
 ) -> list[Path] | sitk.Image:
     """Segment abdominal CT with the cascade.
@@ -118,6 +123,7 @@ def predict(
     map is returned as a ``SimpleITK.Image`` in the input's geometry. Otherwise the written label maps are
     returned. ``predictor`` reuses loaded models; else ``predictor_options`` go to :func:`build_predictor`
     (``dataset``, ``locator``, ``segmenter``, ``device``, ``tta``, ``gaussian``, ``margin_mm``, ...).
+    ``num_parts``/``part_id``: only this part of the cases, as ``nnUNetv2_predict -num_parts -part_id`` splits them.
     """
     if isinstance(input, sitk.Image):
         data, properties = read_case(input, IN_MEMORY)
@@ -133,7 +139,7 @@ def predict(
     if output is None:
         raise ValueError("an output folder or file is needed for file input")
 
-    cases = find_cases(input)
+    cases = select_part(find_cases(input), num_parts, part_id)
     output = Path(output)
     single_file_output = len(cases) == 1 and image_ending(output) is not None
     out_dir = output.parent if single_file_output else output

@@ -49,18 +49,23 @@ from nnunet_samflare.inference.roi import (
     paste_roi,
     remove_small_components,
 )
+from nnunet_samflare.training.names import (  # the configuration names stay importable from here
+    DEFAULT_PLANS_NAME,
+    LOCATOR_CONFIGURATION,  # noqa: F401
+    LOCATOR_TRAINER,
+    SEGMENTER_CONFIGURATION,  # noqa: F401
+    SEGMENTER_TRAINER,
+)
+from nnunet_samflare.training.plans import transposed
 
 #: Margin (mm) added around the locator's box on every side. The reference uses none (METHOD §7 #19); a margin
 #: absorbs a locator that stops a little short of an organ's edge, at the cost of a few more segmenter tiles.
 #: The segmenter trainer draws its training margin from 0–20 mm, which brackets this value.
 DEFAULT_ROI_MARGIN_MM = 10.0
 
-DEFAULT_PLANS = "samflarePlans"
-DEFAULT_LOCATOR_TRAINER = "nnUNetTrainer_SAMFlareLocator"
-DEFAULT_SEGMENTER_TRAINER = "nnUNetTrainer_SAMFlareSegmenter"
-LOCATOR_CONFIGURATION = "3d_locator"
-SEGMENTER_CONFIGURATION = "3d_segmenter"
-STAGES = ("read", "preprocess", "locator", "segmenter", "postprocess", "write")
+DEFAULT_PLANS = DEFAULT_PLANS_NAME
+DEFAULT_LOCATOR_TRAINER = LOCATOR_TRAINER
+DEFAULT_SEGMENTER_TRAINER = SEGMENTER_TRAINER
 
 
 def model_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> Path:
@@ -159,10 +164,6 @@ def sliding_window_logits(predictor, data: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(threads)
 
 
-def _transposed(values: Sequence, transpose: Sequence[int]) -> list:
-    return [values[axis] for axis in transpose]
-
-
 def preprocessed_to_original_box(box: Box, properties: dict, transpose_backward: Sequence[int]) -> Box:
     """Map a ``[lo, hi)`` box on nnU-Net's preprocessed grid back to the original image's voxel grid.
 
@@ -179,7 +180,7 @@ def preprocessed_to_original_box(box: Box, properties: dict, transpose_backward:
             max(crop_lo, crop_lo + math.floor(lo * scale)),
             min(crop_hi, crop_lo + math.ceil(hi * scale)),
         ])
-    return _transposed(mapped, transpose_backward)
+    return transposed(mapped, transpose_backward)
 
 
 def resample_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> list[int]:
@@ -289,7 +290,7 @@ class CascadePredictor:
         plans_manager = self.segmenter.plans_manager
         configuration = self.segmenter.configuration_manager
         spacing = list(properties["spacing"])
-        target = _transposed(configuration.spacing, plans_manager.transpose_backward)
+        target = transposed(configuration.spacing, plans_manager.transpose_backward)
         roi = np.ascontiguousarray(crop_to_roi(data, box))
         shape = resample_shape(roi.shape[1:], spacing, target)
         if list(roi.shape[1:]) != shape:

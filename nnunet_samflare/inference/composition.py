@@ -38,9 +38,6 @@ from nnunet_samflare.io import (
     write_seg_atomic,
 )
 
-ROI_IMAGE_SUFFIX = "_0000"
-
-
 def locate_to_folder(
     predictor: CascadePredictor, input: str | os.PathLike, roi_dir: str | os.PathLike, continue_prediction: bool = False
 ) -> list[Path]:

@@ -7,9 +7,10 @@ Token layout (METHOD.md §3.1): a volume ``(B, C, H, W, D)`` becomes tokens ``(B
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ __all__ = [
     "to_volume",
     "validate_input",
     "resolve_arch_kwargs",
+    "PaperArchitecture",
 ]
 
 
@@ -125,3 +127,51 @@ def as_int_tuple(value: Sequence[int] | int, length: int | None, name: str) -> t
     if length is not None and len(out) != length:
         raise ValueError(f"{name} must have {length} entries (one per stage), got {list(value)}")
     return out
+
+
+class PaperArchitecture:
+    """The architecture keywords of a network in one place: ``DEFAULT_ARCH_KWARGS`` (the paper's network, as the
+    JSON a plans file holds) is the only copy of the defaults. The constructor takes them as keyword-only
+    arguments without defaults of its own (:meth:`resolved` fills them in), ``samflare plan`` writes them into the
+    plans, and :meth:`json_arch_kwargs` records what a built network uses.
+    """
+
+    DEFAULT_ARCH_KWARGS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def default_arch_kwargs(cls) -> dict[str, Any]:
+        """The paper's configuration as JSON-ready kwargs (a fresh copy)."""
+        return copy.deepcopy(cls.DEFAULT_ARCH_KWARGS)
+
+    @classmethod
+    def resolved(cls, arch_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """``arch_kwargs`` with every missing architecture keyword set to its default; ``None`` means default."""
+        unknown = sorted(set(arch_kwargs) - set(cls.DEFAULT_ARCH_KWARGS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unexpected architecture keyword(s) {unknown}")
+        merged = cls.default_arch_kwargs()
+        merged.update({k: v for k, v in arch_kwargs.items() if v is not None})
+        return merged
+
+    @classmethod
+    def json_arch_kwargs(cls, values: Mapping[str, Any]) -> dict[str, Any]:
+        """``values`` (one per architecture keyword) as the JSON types of the defaults: lists for sequences,
+        the default's scalar type otherwise."""
+        out: dict[str, Any] = {}
+        for key, default in cls.DEFAULT_ARCH_KWARGS.items():
+            value = values[key]
+            if isinstance(default, list):
+                out[key] = [type(default[0])(v) for v in value]
+            else:
+                out[key] = type(default)(value)
+        return out
+
+    @classmethod
+    def input_divisor(cls, **arch_kwargs: Any) -> int:
+        """Every spatial input size must be a multiple of this (see :meth:`divisor_of`)."""
+        return int(cls.divisor_of(resolve_arch_kwargs(cls, cls.DEFAULT_ARCH_KWARGS, arch_kwargs)))
+
+    @staticmethod
+    def divisor_of(arch_kwargs: Mapping[str, Any]) -> int:
+        """The input size divisor of a network with these (complete) architecture keywords."""
+        raise NotImplementedError

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_samflare.networks.layers import (
+    PaperArchitecture,
     as_int_tuple,
     drop_path_or_identity,
-    resolve_arch_kwargs,
     stochastic_depth_schedule,
     validate_input,
 )
@@ -216,7 +216,7 @@ class MLPDecoder(nn.Module):
         return [logits] if self.deep_supervision else logits
 
 
-class PConvLocator(nn.Module):
+class PConvLocator(PaperArchitecture, nn.Module):
     """Phase-1 ROI locator of the FLARE23 method (METHOD.md §2). Defaults = the paper's network, 1,383,746 params.
 
     Args:
@@ -252,52 +252,50 @@ class PConvLocator(nn.Module):
         num_classes: int = 2,
         deep_supervision: bool = False,
         *,
-        embed_dim: int = 32,
-        depths: Sequence[int] = (2, 2, 2, 2),
-        mlp_ratio: float = 2.0,
-        n_div: int = 4,
-        decoder_dim: int = 64,
-        drop_path_rate: float = 0.1,
-        patch_size: int = 4,
+        embed_dim: int | None = None,
+        depths: Sequence[int] | None = None,
+        mlp_ratio: float | None = None,
+        n_div: int | None = None,
+        decoder_dim: int | None = None,
+        drop_path_rate: float | None = None,
+        patch_size: int | None = None,
     ) -> None:
         super().__init__()
-        depths = as_int_tuple(depths, None, "depths")
+        kw = self.resolved(
+            dict(
+                embed_dim=embed_dim,
+                depths=depths,
+                mlp_ratio=mlp_ratio,
+                n_div=n_div,
+                decoder_dim=decoder_dim,
+                drop_path_rate=drop_path_rate,
+                patch_size=patch_size,
+            )
+        )
+        depths = as_int_tuple(kw["depths"], None, "depths")
         if not depths or min(depths) < 1:
             raise ValueError(f"PConvLocator: depths must be a non-empty list of positive ints, got {list(depths)}")
         self.input_channels = int(input_channels)
         self.num_classes = int(num_classes)
-        self.arch_kwargs: dict[str, Any] = {
-            "embed_dim": int(embed_dim),
-            "depths": list(depths),
-            "mlp_ratio": float(mlp_ratio),
-            "n_div": int(n_div),
-            "decoder_dim": int(decoder_dim),
-            "drop_path_rate": float(drop_path_rate),
-            "patch_size": int(patch_size),
-        }
+        self.arch_kwargs: dict[str, Any] = self.json_arch_kwargs(kw)
+        a = self.arch_kwargs
         self.encoder = PConvEncoder(
             self.input_channels,
-            int(embed_dim),
+            a["embed_dim"],
             depths,
-            float(mlp_ratio),
-            int(n_div),
-            int(patch_size),
-            float(drop_path_rate),
+            a["mlp_ratio"],
+            a["n_div"],
+            a["patch_size"],
+            a["drop_path_rate"],
         )
-        self.decoder = MLPDecoder(self.encoder.dims, int(decoder_dim), self.num_classes, deep_supervision)
+        self.decoder = MLPDecoder(self.encoder.dims, a["decoder_dim"], self.num_classes, deep_supervision)
         self.deep_supervision_strides: tuple[int, ...] = (1,)
-        self._divisor = self.input_divisor(depths=depths, patch_size=patch_size)
+        self._divisor = self.divisor_of(a)
 
-    @classmethod
-    def default_arch_kwargs(cls) -> dict[str, Any]:
-        """The paper's configuration as JSON-ready kwargs (a fresh copy)."""
-        return {k: list(v) if isinstance(v, list) else v for k, v in cls.DEFAULT_ARCH_KWARGS.items()}
-
-    @classmethod
-    def input_divisor(cls, **arch_kwargs: Any) -> int:
-        """Every spatial input size must be a multiple of this: stem stride x 2 per merge (32 by default)."""
-        kw = resolve_arch_kwargs(cls, cls.DEFAULT_ARCH_KWARGS, arch_kwargs)
-        return int(kw["patch_size"]) * 2 ** (len(kw["depths"]) - 1)
+    @staticmethod
+    def divisor_of(arch_kwargs: dict[str, Any]) -> int:
+        """Stem stride x 2 per merge (32 by default)."""
+        return int(arch_kwargs["patch_size"]) * 2 ** (len(arch_kwargs["depths"]) - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         validate_input(

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_samflare.networks.layers import (
+    PaperArchitecture,
     as_int_tuple,
     drop_path_or_identity,
-    resolve_arch_kwargs,
     stochastic_depth_schedule,
     to_tokens,
     to_volume,
@@ -385,7 +385,7 @@ class UNETRDecoder(nn.Module):
         return [logits] + [self.seg_layers[i](decoded[i - 1]) for i in range(1, len(self.seg_layers))]
 
 
-class SAMHybridUNet(nn.Module):
+class SAMHybridUNet(PaperArchitecture, nn.Module):
     """Phase-2 segmenter of the FLARE23 method (METHOD.md §3). Defaults = the paper's network, 35,844,525 params.
 
     Args:
@@ -428,25 +428,40 @@ class SAMHybridUNet(nn.Module):
         num_classes: int = 15,
         deep_supervision: bool = False,
         *,
-        embed_dims: Sequence[int] = (60, 120, 240, 480),
-        depths: Sequence[int] = (2, 4, 6, 2),
-        sam_heads: Sequence[int] = (3, 3, 3, 0),
-        msa_heads: Sequence[int] = (0, 0, 8, 16),
-        mlp_ratios: Sequence[float] = (2.0, 2.0, 2.0, 2.0),
-        qkv_bias: bool = True,
-        expand_ratio: int = 2,
-        decoder_feature_size: int = 60,
-        drop_path_rate: float = 0.0,
-        deep_supervision_heads: bool = False,
+        embed_dims: Sequence[int] | None = None,
+        depths: Sequence[int] | None = None,
+        sam_heads: Sequence[int] | None = None,
+        msa_heads: Sequence[int] | None = None,
+        mlp_ratios: Sequence[float] | None = None,
+        qkv_bias: bool | None = None,
+        expand_ratio: int | None = None,
+        decoder_feature_size: int | None = None,
+        drop_path_rate: float | None = None,
+        deep_supervision_heads: bool | None = None,
     ) -> None:
         super().__init__()
-        embed_dims = as_int_tuple(embed_dims, None, "embed_dims")
+        kw = self.resolved(
+            dict(
+                embed_dims=embed_dims,
+                depths=depths,
+                sam_heads=sam_heads,
+                msa_heads=msa_heads,
+                mlp_ratios=mlp_ratios,
+                qkv_bias=qkv_bias,
+                expand_ratio=expand_ratio,
+                decoder_feature_size=decoder_feature_size,
+                drop_path_rate=drop_path_rate,
+                deep_supervision_heads=deep_supervision_heads,
+            )
+        )
+        embed_dims = as_int_tuple(kw["embed_dims"], None, "embed_dims")
         n = len(embed_dims)
         if n < 2:
             raise ValueError(f"SAMHybridUNet: need at least 2 stages, got embed_dims={list(embed_dims)}")
-        depths = as_int_tuple(depths, n, "depths")
-        sam_heads = as_int_tuple(sam_heads, n, "sam_heads")
-        msa_heads = as_int_tuple(msa_heads, n, "msa_heads")
+        depths = as_int_tuple(kw["depths"], n, "depths")
+        sam_heads = as_int_tuple(kw["sam_heads"], n, "sam_heads")
+        msa_heads = as_int_tuple(kw["msa_heads"], n, "msa_heads")
+        mlp_ratios = kw["mlp_ratios"]
         if isinstance(mlp_ratios, (int, float)):
             raise TypeError(f"mlp_ratios must be a list (one per stage), got {mlp_ratios!r}")
         mlp_ratios = tuple(float(r) for r in mlp_ratios)
@@ -454,18 +469,8 @@ class SAMHybridUNet(nn.Module):
             raise ValueError(f"mlp_ratios must have {n} entries (one per stage), got {list(mlp_ratios)}")
         self.input_channels = int(input_channels)
         self.num_classes = int(num_classes)
-        self.arch_kwargs: dict[str, Any] = {
-            "embed_dims": list(embed_dims),
-            "depths": list(depths),
-            "sam_heads": list(sam_heads),
-            "msa_heads": list(msa_heads),
-            "mlp_ratios": list(mlp_ratios),
-            "qkv_bias": bool(qkv_bias),
-            "expand_ratio": int(expand_ratio),
-            "decoder_feature_size": int(decoder_feature_size),
-            "drop_path_rate": float(drop_path_rate),
-            "deep_supervision_heads": bool(deep_supervision_heads),
-        }
+        self.arch_kwargs: dict[str, Any] = self.json_arch_kwargs(kw)
+        a = self.arch_kwargs
         self.encoder = SAMEncoder(
             self.input_channels,
             embed_dims,
@@ -473,28 +478,22 @@ class SAMHybridUNet(nn.Module):
             sam_heads,
             msa_heads,
             mlp_ratios,
-            bool(qkv_bias),
-            int(expand_ratio),
-            float(drop_path_rate),
+            a["qkv_bias"],
+            a["expand_ratio"],
+            a["drop_path_rate"],
         )
         self.decoder = UNETRDecoder(
-            embed_dims, int(decoder_feature_size), self.num_classes, bool(deep_supervision_heads), deep_supervision
+            embed_dims, a["decoder_feature_size"], self.num_classes, a["deep_supervision_heads"], deep_supervision
         )
         self.deep_supervision_strides: tuple[int, ...] = (
-            tuple(2**i for i in range(n)) if deep_supervision_heads else (1,)
+            tuple(2**i for i in range(n)) if a["deep_supervision_heads"] else (1,)
         )
-        self._divisor = self.input_divisor(embed_dims=embed_dims)
+        self._divisor = self.divisor_of(a)
 
-    @classmethod
-    def default_arch_kwargs(cls) -> dict[str, Any]:
-        """The paper's configuration as JSON-ready kwargs (a fresh copy)."""
-        return {k: list(v) if isinstance(v, list) else v for k, v in cls.DEFAULT_ARCH_KWARGS.items()}
-
-    @classmethod
-    def input_divisor(cls, **arch_kwargs: Any) -> int:
-        """Every spatial input size must be a multiple of this: stem stride 2 x 2 per later stage (16 by default)."""
-        kw = resolve_arch_kwargs(cls, cls.DEFAULT_ARCH_KWARGS, arch_kwargs)
-        return 2 ** len(kw["embed_dims"])
+    @staticmethod
+    def divisor_of(arch_kwargs: dict[str, Any]) -> int:
+        """Stem stride 2 x 2 per later stage (16 by default)."""
+        return 2 ** len(arch_kwargs["embed_dims"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         validate_input(

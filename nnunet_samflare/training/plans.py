@@ -20,10 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-LOCATOR = "3d_locator"
-SEGMENTER = "3d_segmenter"
-DEFAULT_PLANS_NAME = "samflarePlans"
-_BASE_CONFIGURATION = "3d_fullres"
+from nnunet_samflare.training.names import (
+    BASE_CONFIGURATION,
+    DEFAULT_PLANS_NAME,
+    DEFAULT_SOURCE_PLANS_NAME,
+    LOCATOR_CONFIGURATION,
+    SEGMENTER_CONFIGURATION,
+)
+
+LOCATOR = LOCATOR_CONFIGURATION
+SEGMENTER = SEGMENTER_CONFIGURATION
 
 
 def load_configuration_templates() -> dict:
@@ -63,13 +69,14 @@ def locator_spacing(source_plans: dict, patch_size_zyx: Sequence[int]) -> list[f
     """
     spacing = np.asarray(source_plans["original_median_spacing_after_transp"], dtype=float)
     shape = np.asarray(source_plans["original_median_shape_after_transp"], dtype=float)
-    patch = np.asarray(_transpose(patch_size_zyx, source_plans), dtype=float)
+    patch = np.asarray(transposed(patch_size_zyx, source_plans["transpose_forward"]), dtype=float)
     return [round(float(v), 4) for v in np.maximum(spacing * shape / patch, spacing)]
 
 
-def _transpose(values_zyx: Sequence, plans: dict) -> list:
-    """SimpleITK (z, y, x) order -> the order nnU-Net uses inside the plans (``transpose_forward``)."""
-    return [values_zyx[axis] for axis in plans["transpose_forward"]]
+def transposed(values: Sequence, order: Sequence[int]) -> list:
+    """``values`` permuted by nnU-Net's ``transpose_forward`` (SimpleITK (z, y, x) order -> the plans' order) or
+    ``transpose_backward`` (the plans' order -> (z, y, x)): ``[values[axis] for axis in order]``."""
+    return [values[axis] for axis in order]
 
 
 def derive_samflare_plans(
@@ -87,9 +94,9 @@ def derive_samflare_plans(
     The optional arguments override the templates (e.g. a smaller segmenter patch for a smaller GPU); spacings
     and patch sizes are given in SimpleITK (z, y, x) order.
     """
-    if _BASE_CONFIGURATION not in source_plans["configurations"]:
+    if BASE_CONFIGURATION not in source_plans["configurations"]:
         raise ValueError(
-            f"plans {source_plans.get('plans_name')!r} have no {_BASE_CONFIGURATION!r} configuration to inherit from"
+            f"plans {source_plans.get('plans_name')!r} have no {BASE_CONFIGURATION!r} configuration to inherit from"
         )
     plans = copy.deepcopy(source_plans)
     plans["plans_name"] = plans_name
@@ -101,17 +108,21 @@ def derive_samflare_plans(
     median_extent_mm = np.asarray(plans["original_median_spacing_after_transp"], dtype=float) * np.asarray(
         plans["original_median_shape_after_transp"], dtype=float
     )
+    forward = plans["transpose_forward"]
     for name, template in templates.items():
         patch_override, spacing_override = overrides[name]
         configuration = copy.deepcopy(template)
         patch_zyx = list(patch_override) if patch_override is not None else configuration["patch_size"]
-        configuration["patch_size"] = [int(v) for v in _transpose(patch_zyx, plans)]
+        configuration["patch_size"] = [int(v) for v in transposed(patch_zyx, forward)]
         if spacing_override is not None:
-            configuration["spacing"] = [float(v) for v in _transpose(spacing_override, plans)]
+            configuration["spacing"] = [float(v) for v in transposed(spacing_override, forward)]
         elif configuration["spacing"] is None:
             configuration["spacing"] = locator_spacing(plans, patch_zyx)
         else:
-            configuration["spacing"] = [float(v) for v in _transpose(configuration["spacing"], plans)]
+            configuration["spacing"] = [float(v) for v in transposed(configuration["spacing"], forward)]
+        architecture = configuration["architecture"]
+        if "arch_kwargs" not in architecture:  # the network class holds the only copy of its defaults
+            architecture["arch_kwargs"] = _network_class(architecture["network_class_name"]).default_arch_kwargs()
         if batch_size is not None:
             configuration["batch_size"] = int(batch_size)
         configuration["data_identifier"] = f"{plans_name}_{name}"
@@ -125,7 +136,7 @@ def derive_samflare_plans(
 
 def write_samflare_plans(
     dataset_name_or_id: str | int,
-    source_plans_name: str = "nnUNetPlans",
+    source_plans_name: str = DEFAULT_SOURCE_PLANS_NAME,
     plans_name: str = DEFAULT_PLANS_NAME,
     **overrides,
 ) -> Path:
