@@ -147,3 +147,18 @@ def run_cases(
     if failures:
         raise CaseFailures(failures, total, results)
     return results
+
+
+def report(error: BaseException, prog: str, stream=None) -> int | None:
+    """Print a bad-input or out-of-memory error for the user (``prog: error: ...``, one line per failed case)
+    and return its exit code; return None for a bug, which the caller re-raises with its traceback."""
+    import sys
+
+    code = exit_code_for(error)
+    if code is None:
+        return None
+    stream = sys.stderr if stream is None else stream
+    lines = error.lines() if isinstance(error, CaseFailures) else [one_line(error)]
+    for line in lines:
+        print(f"{prog}: error: {line}", file=stream)
+    return code

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from nnunet_samflare.errors import InputError
+
 __all__ = ["PHASES", "convert_reference_state_dict", "load_reference_checkpoint"]
 
 PHASES = ("locator", "segmenter")
@@ -191,7 +193,7 @@ def load_reference_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.T
     except Exception as e:  # torch raises many types for corrupt/unsafe files; the CLI wants one line
         detail = " ".join(str(e).split()).split(". ")[0]
         detail = detail if len(detail) <= 160 else detail[:157] + "..."
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {detail})") from e
+        raise InputError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {detail})") from e
     for _ in range(3):
         if _looks_like_state_dict(obj):
             return dict(obj)
@@ -201,6 +203,6 @@ def load_reference_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.T
         if inner is None:
             break
         obj = inner
-    raise ValueError(
-        f"{path}: no state dict found (expected a dict of tensors, possibly under one of {list(_NESTING_KEYS)})"
+    raise InputError(
+        path, f"no state dict found (expected a dict of tensors, possibly under one of {list(_NESTING_KEYS)})"
     )

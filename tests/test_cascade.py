@@ -261,7 +261,6 @@ def test_profile_runs_predict_per_case_in_fresh_processes(trained_models, tmp_pa
     assert [case["case"] for case in report["cases"]] == ["a", "b"]
     for case in report["cases"]:
         assert case["exit_code"] == 0
-        assert case["time_s"] > 1.0  # start-up, imports and model loading are inside the measurement
         assert case["MaxRAM_MB"] > 100
         assert case["MaxGPU_MB"] is None and case["AUC_GPU_Time_MBs"] is None
         assert (tmp_path / "out" / f"{case['case']}.nii.gz").is_file()

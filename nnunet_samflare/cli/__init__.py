@@ -36,13 +36,24 @@ def main(argv: list[str] | None = None) -> int:
         # Tables use ±, ³ and ·: under an ASCII-only locale print them approximately rather than crash.
         if getattr(stream, "encoding", "utf-8").lower().replace("-", "") != "utf8" and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "pass_through", False):  # only `profile` hands unknown options on (to predict)
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra_args = extra
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # Expected failures (bad input, missing model) get one line, not a traceback.
-        print(f"samflare {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        # Bad input and out of memory get their message and exit code (nnunet_samflare.errors); a bug keeps its
+        # traceback.
+        from nnunet_samflare.errors import report
+
+        code = report(error, f"samflare {args.command}")
+        if code is None:
+            raise
+        return code
+
 
 
 if __name__ == "__main__":

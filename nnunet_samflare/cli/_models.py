@@ -2,6 +2,7 @@
 
 import argparse
 
+from nnunet_samflare.errors import InputError
 from nnunet_samflare.training.names import DEFAULT_PLANS_NAME, LOCATOR_TRAINER, SEGMENTER_TRAINER
 
 
@@ -30,7 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def predictor_options(args: argparse.Namespace) -> dict:
     if args.tta and args.disable_tta:
-        raise ValueError("--tta and --disable_tta contradict each other")
+        raise InputError(None, "--tta and --disable_tta contradict each other")
     folds = None
     if args.folds:
         folds = [f if f == "all" else int(f) for f in args.folds]

@@ -31,16 +31,17 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from nnunet_samflare.errors import InputError
     from nnunet_samflare.interop import convert_reference_state_dict, load_reference_checkpoint
 
     output = Path(args.output)
     if not output.parent.is_dir():
-        raise FileNotFoundError(f"{output.parent}: output folder does not exist")
+        raise InputError(output.parent, "output folder does not exist")
     state_dict = load_reference_checkpoint(args.input)
     try:
         converted = convert_reference_state_dict(state_dict, args.phase, single_logit=args.single_logit)
     except ValueError as e:
-        raise ValueError(f"{args.input}: {e}") from e
+        raise InputError(args.input, str(e)) from e
     # Write to a temporary file in the same folder, then rename: OUT is either absent or complete.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     os.close(fd)

@@ -28,19 +28,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from nnunet_samflare.inference.api import predict
-
+def predict_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``nnunet_samflare.predict`` that these flags mean (also used by ``profile``)."""
     options = predictor_options(args)
     options["postprocess"] = not args.no_postprocessing
-    written = predict(
-        args.input,
-        args.output,
+    return dict(
         save_probabilities=args.save_probabilities,
         continue_prediction=args.continue_prediction,
         stats=args.stats,
         preview=args.preview,
         **options,
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from nnunet_samflare.inference.api import predict
+
+    written = predict(args.input, args.output, **predict_kwargs(args))
     print(f"{len(written)} label map(s) in {args.output}")
     return 0

@@ -83,12 +83,12 @@ def _label_range(part: str) -> list[int]:
     try:
         values = [int(b) for b in bounds]
     except ValueError:
-        raise ValueError(f"bad label id or range {part!r} (expected e.g. 5, 1..14 or 1-14)") from None
+        raise InputError(None, f"bad label id or range {part!r} (expected e.g. 5, 1..14 or 1-14)") from None
     if len(values) == 1:
         return values
     if len(values) == 2 and values[0] <= values[1]:
         return list(range(values[0], values[1] + 1))
-    raise ValueError(f"bad label range {part!r}")
+    raise InputError(None, f"bad label range {part!r}")
 
 
 def parse_label_spec(tokens: str | int | Iterable[str | int]) -> tuple[int, ...]:
@@ -98,9 +98,9 @@ def parse_label_spec(tokens: str | int | Iterable[str | int]) -> tuple[int, ...]
     labels = [label for token in tokens for part in str(token).replace(",", " ").split()
               for label in _label_range(part)]
     if not labels:
-        raise ValueError("no label ids given")
+        raise InputError(None, "no label ids given")
     if any(label <= 0 for label in labels):
-        raise ValueError(f"label ids must be positive (0 is background): {labels}")
+        raise InputError(None, f"label ids must be positive (0 is background): {labels}")
     return tuple(dict.fromkeys(labels))
 
 
@@ -109,7 +109,7 @@ def find_dataset_json(ref_dir: str | Path, dataset_json: str | Path | None = Non
     if dataset_json is not None:
         path = Path(dataset_json)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: dataset.json not found")
+            raise InputError(path, "dataset.json not found")
         return path
     ref_dir = Path(ref_dir).resolve()
     for candidate in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
@@ -128,7 +128,7 @@ def load_partial_labels(dataset_json: Path | None) -> dict[str, list[int]]:
     try:
         dataset = json.loads(Path(dataset_json).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{dataset_json}: not valid JSON ({e})") from e
+        raise InputError(dataset_json, f"not valid JSON ({e})") from e
     partial = dataset.get("partial_labels") or {}
     names = {str(k): v for k, v in (dataset.get("labels") or {}).items()}
     result: dict[str, list[int]] = {}
@@ -137,7 +137,7 @@ def load_partial_labels(dataset_json: Path | None) -> dict[str, list[int]]:
         for entry in entries:
             if isinstance(entry, str) and not entry.strip().isdigit():
                 if entry not in names:
-                    raise ValueError(f"{dataset_json}: partial_labels of {case} names unknown label {entry!r}")
+                    raise InputError(dataset_json, f"partial_labels of {case} names unknown label {entry!r}")
                 entry = names[entry]
             ids.append(int(entry))
         result[str(case)] = ids
@@ -210,7 +210,7 @@ def summarize(
 def _check_labels(labels: Sequence[int], tolerances: Mapping[int, float]) -> None:
     missing = [lb for lb in labels if lb not in tolerances]
     if missing:
-        raise ValueError(f"no NSD tolerance for label(s) {missing}: pass tolerances_mm for them")
+        raise InputError(None, f"no NSD tolerance for label(s) {missing}: pass tolerances_mm for them")
 
 
 def evaluate_folders(
@@ -234,15 +234,15 @@ def evaluate_folders(
     warning. If ``output_file`` is given the result is written there as JSON (atomically).
     """
     if not 0.0 <= nsd_cutoff <= 1.0:
-        raise ValueError(f"the NSD cut-off is a DSC value in [0, 1], not {nsd_cutoff}")
+        raise InputError(None, f"the NSD cut-off is a DSC value in [0, 1], not {nsd_cutoff}")
     if on_missing not in ("zero", "error"):
-        raise ValueError(f"on_missing must be 'zero' or 'error', not {on_missing!r}")
+        raise InputError(None, f"on_missing must be 'zero' or 'error', not {on_missing!r}")
     labels = tuple(int(lb) for lb in labels)
     tolerances = {**NSD_TOLERANCE_MM, **{int(k): float(v) for k, v in (tolerances_mm or {}).items()}}
     _check_labels(labels, tolerances)
     references = find_label_files(ref_dir)
     if not references:
-        raise ValueError(f"{ref_dir}: no label maps ({', '.join(LABEL_FILE_ENDINGS)})")
+        raise InputError(ref_dir, f"no label maps ({', '.join(LABEL_FILE_ENDINGS)})")
     # Only files in the references' own format(s) are predictions: samflare predict also writes *_preview.png.
     reference_endings = {path.name[len(case) :] for case, path in references.items()}
     predictions = find_label_files(pred_dir, tuple(e for e in LABEL_FILE_ENDINGS if e in reference_endings))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_samflare.errors import InputError
 from nnunet_samflare.labels import ALL_FOREGROUND_LABELS
 
 # Official FLARE23 NSD tolerances in mm, per label id.
@@ -226,12 +227,13 @@ def evaluate_case_files(
     reference, spacing = read_label_array(reference_file)
     prediction, prediction_spacing = read_label_array(prediction_file)
     if reference.shape != prediction.shape:
-        raise ValueError(
-            f"{prediction_file}: shape {prediction.shape} (z, y, x) does not match the reference "
-            f"{reference_file} with shape {reference.shape}"
+        raise InputError(
+            prediction_file,
+            f"shape {prediction.shape} (z, y, x) does not match the reference {reference_file} with shape "
+            f"{reference.shape}",
         )
     if reference.ndim not in (2, 3):
-        raise ValueError(f"{reference_file}: expected a 2D or 3D label map, got {reference.ndim}D")
+        raise InputError(reference_file, f"expected a 2D or 3D label map, got {reference.ndim}D")
     if not np.allclose(spacing, prediction_spacing, rtol=1e-3):
         # Scored anyway (the official evaluator only checks shapes), but a different spacing usually means
         # the prediction was resampled or written with another image's geometry.

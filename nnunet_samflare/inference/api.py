@@ -80,7 +80,7 @@ def build_predictor(
     finds them (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``)."""
     if locator is None or segmenter is None:
         if dataset is None:
-            raise ValueError("give a dataset (-d) or both model folders (--locator and --segmenter)")
+            raise InputError(None, "give a dataset (-d) or both model folders (--locator and --segmenter)")
         locator = locator or model_folder(dataset, locator_trainer, plans, LOCATOR_CONFIGURATION)
         segmenter = segmenter or model_folder(dataset, segmenter_trainer, plans, SEGMENTER_CONFIGURATION)
     for folder in (locator, segmenter):
@@ -137,7 +137,7 @@ def predict(
         write_seg_atomic(prediction.segmentation, properties, output)
         return [output]
     if output is None:
-        raise ValueError("an output folder or file is needed for file input")
+        raise InputError(None, "an output folder or file is needed for file input")
 
     cases = select_part(find_cases(input), num_parts, part_id)
     output = Path(output)

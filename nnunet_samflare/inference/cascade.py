@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nnunet_samflare.errors import InputError
 from nnunet_samflare.inference.postprocessing import postprocess_flare
 from nnunet_samflare.inference.roi import (
     MIN_LOCATOR_COMPONENT_MM3,
@@ -74,7 +75,7 @@ def model_folder(dataset: str | int, trainer: str, plans: str, configuration: st
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_results:
-        raise RuntimeError("nnUNet_results is not set: give --locator and --segmenter model folders explicitly")
+        raise InputError(None, "nnUNet_results is not set: give --locator and --segmenter model folders explicitly")
     try:
         name = maybe_convert_to_dataset_name(dataset)
     except RuntimeError as e:

@@ -125,11 +125,6 @@ class Grid:
         return f"{self.name} {'x'.join(str(s) for s in self.shape)}{at}: {self.nbytes / GIB:.3g} GiB"
 
 
-def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, ...]:
-    """The grid ``shape`` at ``spacing`` becomes at ``target`` spacing (nnU-Net's rule, never an empty axis)."""
-    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target))
-
-
 def memory_limit_bytes() -> int:
     """The memory a case may use: what the system has available now, or ``$SAMFLARE_MAX_MEMORY_GB`` if smaller."""
     import psutil

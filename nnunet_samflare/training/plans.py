@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunet_samflare.errors import InputError
 from nnunet_samflare.training.names import (
     BASE_CONFIGURATION,
     DEFAULT_PLANS_NAME,
@@ -52,7 +53,8 @@ def _check_patch_size(name: str, configuration: dict) -> None:
     divisor = _network_class(architecture["network_class_name"]).input_divisor(**architecture["arch_kwargs"])
     bad = [s for s in configuration["patch_size"] if s % divisor]
     if bad:
-        raise ValueError(
+        raise InputError(
+            None,
             f"{name}: patch size {configuration['patch_size']} must be divisible by {divisor} on every axis "
             f"({architecture['network_class_name'].rsplit('.', 1)[-1]} downsamples by {divisor})"
         )
@@ -95,7 +97,8 @@ def derive_samflare_plans(
     and patch sizes are given in SimpleITK (z, y, x) order.
     """
     if BASE_CONFIGURATION not in source_plans["configurations"]:
-        raise ValueError(
+        raise InputError(
+            None,
             f"plans {source_plans.get('plans_name')!r} have no {BASE_CONFIGURATION!r} configuration to inherit from"
         )
     plans = copy.deepcopy(source_plans)
@@ -145,8 +148,11 @@ def write_samflare_plans(
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed:
-        raise RuntimeError("nnUNet_preprocessed is not set; run nnUNetv2_plan_and_preprocess first")
-    dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+        raise InputError(None, "nnUNet_preprocessed is not set; run nnUNetv2_plan_and_preprocess first")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    except RuntimeError as e:  # nnU-Net's way of saying that no such dataset exists
+        raise InputError(None, f"dataset {dataset_name_or_id}: {e}") from None
     folder = Path(nnUNet_preprocessed) / dataset_name
     source = folder / f"{source_plans_name}.json"
     if not source.is_file():
@@ -155,7 +161,7 @@ def write_samflare_plans(
     try:
         source_plans = json.loads(source.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source}: not valid JSON ({e})") from None
+        raise InputError(source, f"not valid JSON ({e})") from None
     plans = derive_samflare_plans(source_plans, plans_name, **overrides)
     target = folder / f"{plans_name}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{plans_name}.", suffix=".json.tmp", dir=folder)
