@@ -6,8 +6,9 @@ from nnunet_samflare.errors import InputError
 from nnunet_samflare.training.names import DEFAULT_PLANS_NAME, LOCATOR_TRAINER, SEGMENTER_TRAINER
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags mirror nnUNetv2_predict where they mean the same thing."""
+def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = True) -> None:
+    """Flags mirror nnUNetv2_predict where they mean the same thing. ``segmenter_settings`` False leaves out the
+    flags that only the segmenter's sliding window and the paste-back use (``locate`` has no use for them)."""
     g = p.add_argument_group("models (found like nnUNetv2_predict finds them, or given as folders)")
     g.add_argument("-d", dest="dataset", help="dataset name or id")
     g.add_argument("-p", dest="plans", default=DEFAULT_PLANS_NAME, help="plans identifier (default: %(default)s)")
@@ -20,16 +21,28 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-device", dest="device", choices=("cuda", "cpu", "mps"),
                    help="default: cuda if available, else mps, else cpu")
     s = p.add_argument_group("inference settings (defaults follow the paper: METHOD.md §11.5)")
+    s.add_argument("--margin_mm", type=float, help="margin around the located box, mm (default: 10)")
+    if not segmenter_settings:
+        return
     s.add_argument("--step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (nnU-Net's; off by default)")
     s.add_argument("--disable_tta", action="store_true",
                    help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work")
     s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
-    s.add_argument("--margin_mm", type=float, help="margin around the located box, mm (default: 10)")
     s.add_argument("--tile_batch", type=int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)")
 
 
+def add_fail_fast_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fail-fast", dest="fail_fast", action="store_true",
+                   help="stop at the first bad case (default: go on with the others, list the failures at the end "
+                   "and exit with code 2, or 3 if one ran out of memory)")
+
+
 def predictor_options(args: argparse.Namespace) -> dict:
+    """The :func:`nnunet_samflare.inference.api.build_predictor` options of these flags (the defaults for flags a
+    command does not offer)."""
+    defaults = {"step_size": 0.5, "tta": False, "disable_tta": False, "gaussian": False, "tile_batch": None}
+    args = argparse.Namespace(**{**defaults, **vars(args)})
     if args.tta and args.disable_tta:
         raise InputError(None, "--tta and --disable_tta contradict each other")
     folds = None

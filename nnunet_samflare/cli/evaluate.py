@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="a reference case without prediction: score 0 (FLARE, default) or stop")
     parser.add_argument("-np", "--num-processes", type=int, default=1, metavar="N",
                         help="cases scored in parallel (default 1)")
+    parser.add_argument("--fail-fast", action="store_true",
+                        help="stop at the first bad file (default: score the other cases, list the failures, exit 2)")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             output_file=output,
             on_missing=args.on_missing,
             num_processes=args.num_processes,
+            fail_fast=args.fail_fast,
         )
     for warning in caught:
         print(f"samflare evaluate: warning: {warning.message}", file=sys.stderr)
@@ -64,4 +67,13 @@ def run(args: argparse.Namespace) -> int:
         from nnunet_samflare.evaluation.plots import plot_metrics
 
         print(f"plot written to {plot_metrics(result, args.plot)}")
+    failed = result["summary"]["failed_cases"]
+    for case, why in failed.items():
+        print(f"samflare evaluate: error: {case}: {why}", file=sys.stderr)
+    if failed:
+        print(f"samflare evaluate: error: {len(failed)} of {len(failed) + len(result['cases'])} case(s) could not "
+              "be scored", file=sys.stderr)
+        from nnunet_samflare.errors import EXIT_BAD_INPUT
+
+        return EXIT_BAD_INPUT
     return 0

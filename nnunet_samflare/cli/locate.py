@@ -2,7 +2,7 @@
 
 import argparse
 
-from nnunet_samflare.cli._models import add_model_arguments, predictor_options
+from nnunet_samflare.cli._models import add_fail_fast_argument, add_model_arguments, predictor_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-i", dest="input", required=True, help="input folder, file or DICOM series folder")
     p.add_argument("-o", dest="output", required=True, help="ROI folder")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose <case>.json exists")
-    add_model_arguments(p)
+    add_fail_fast_argument(p)
+    add_model_arguments(p, segmenter_settings=False)
     p.set_defaults(func=_run)
 
 
@@ -25,6 +26,6 @@ def _run(args: argparse.Namespace) -> int:
     from nnunet_samflare.inference.composition import locate_to_folder
 
     predictor = build_predictor(**predictor_options(args))
-    records = locate_to_folder(predictor, args.input, args.output, args.continue_prediction)
+    records = locate_to_folder(predictor, args.input, args.output, args.continue_prediction, args.fail_fast)
     print(f"{len(records)} case(s) located in {args.output}")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from nnunet_samflare.cli._models import add_fail_fast_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -25,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="also write the postprocessing.pkl (pp_fns, pp_fn_kwargs) for nnUNetv2_apply_postprocessing",
     )
+    add_fail_fast_argument(parser)
     parser.set_defaults(func=run, _parser=parser)
 
 
@@ -39,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
     if args.write_nnunet_pkl is not None:
         print(f"wrote {write_nnunet_postprocessing_pkl(args.write_nnunet_pkl)}")
     if args.input is not None:
-        written = postprocess_label_maps(args.input, args.output)
+        written = postprocess_label_maps(args.input, args.output, args.fail_fast)
         print(f"post-processed {len(written)} label map(s) into {args.output}")
     return 0

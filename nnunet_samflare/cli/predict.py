@@ -2,7 +2,7 @@
 
 import argparse
 
-from nnunet_samflare.cli._models import add_model_arguments, predictor_options
+from nnunet_samflare.cli._models import add_fail_fast_argument, add_model_arguments, predictor_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,6 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-i", dest="input", required=True, help="input folder, file or DICOM series folder")
     p.add_argument("-o", dest="output", required=True, help="output folder (or a file name for a single input)")
+    add_fail_fast_argument(p)
     add_model_arguments(p)
     o = p.add_argument_group("outputs")
     o.add_argument("--save_probabilities", action="store_true",
@@ -37,6 +38,7 @@ def predict_kwargs(args: argparse.Namespace) -> dict:
         continue_prediction=args.continue_prediction,
         stats=args.stats,
         preview=args.preview,
+        fail_fast=args.fail_fast,
         **options,
     )
 

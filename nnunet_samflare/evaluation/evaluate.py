@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_samflare.errors import InputError
+from nnunet_samflare.errors import InputError, exit_code_for, one_line
 from nnunet_samflare.evaluation.metrics import (
     DECIMALS,
     DEFAULT_NSD_CUTOFF,
@@ -38,7 +38,14 @@ from nnunet_samflare.evaluation.metrics import (
     read_label_array,
     round_metric,
 )
-from nnunet_samflare.io import IMAGE_ENDINGS, image_ending, list_image_files, strip_image_ending, write_json_atomic
+from nnunet_samflare.io import (
+    IMAGE_ENDINGS,
+    check_output_folder,
+    image_ending,
+    list_image_files,
+    strip_image_ending,
+    write_json_atomic,
+)
 from nnunet_samflare.labels import ALL_FOREGROUND_LABELS, FLARE_LABELS, ORGAN_LABELS, TUMOR_LABEL
 
 #: The endings of label map files: the same as the scans' (one list, in :mod:`nnunet_samflare.io.cases`).
@@ -109,7 +116,7 @@ def find_dataset_json(ref_dir: str | Path, dataset_json: str | Path | None = Non
     if dataset_json is not None:
         path = Path(dataset_json)
         if not path.is_file():
-            raise InputError(path, "dataset.json not found")
+            raise FileNotFoundError(f"{path}: dataset.json not found")
         return path
     ref_dir = Path(ref_dir).resolve()
     for candidate in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
@@ -163,6 +170,16 @@ def _score_case(task: tuple[str, Path, Path | None, dict[str, Any]]) -> tuple[st
             tolerances_mm=options["tolerances_mm"],
         )
     return case, {str(lb): m for lb, m in metrics.items()}, present
+
+
+def _score_case_or_failure(task: tuple[str, Path, Path | None, dict[str, Any]]) -> tuple | BaseException:
+    """:func:`_score_case`, or the bad-input error that stopped it (bugs still raise)."""
+    try:
+        return _score_case(task)
+    except Exception as error:
+        if exit_code_for(error) is None:
+            raise
+        return error
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -225,13 +242,16 @@ def evaluate_folders(
     output_file: str | Path | None = None,
     on_missing: str = "zero",
     num_processes: int = 1,
+    fail_fast: bool = False,
 ) -> dict:
     """Score every reference label map in ``ref_dir`` against the file of the same case in ``pred_dir``.
 
     ``dataset_json``: where ``partial_labels`` come from; if None, ``dataset.json`` in ``ref_dir`` or its
     parent is used when present. ``on_missing``: ``"zero"`` (FLARE: DSC = NSD = 0 for every annotated label,
     with a warning) or ``"error"`` (FileNotFoundError). Predictions without a reference are ignored with a
-    warning. If ``output_file`` is given the result is written there as JSON (atomically).
+    warning. If ``output_file`` is given the result is written there as JSON (atomically); its folder is checked
+    before any case is scored. A case whose reference or prediction is bad input is left out of the scores and
+    listed in ``summary["failed_cases"]`` (``fail_fast``, or a single case: its error is raised).
     """
     if not 0.0 <= nsd_cutoff <= 1.0:
         raise InputError(None, f"the NSD cut-off is a DSC value in [0, 1], not {nsd_cutoff}")
@@ -261,11 +281,17 @@ def evaluate_folders(
                "tolerances_mm": tolerances}
     tasks = [(case, ref, predictions.get(case), {**options, "annotated": partial.get(case)})
              for case, ref in references.items()]
+    if output_file is not None:
+        check_output_folder(Path(output_file).parent)  # before the scoring, not after it
     if num_processes > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(max_workers=min(num_processes, len(tasks))) as pool:
-            scored = list(pool.map(_score_case, tasks))
+            outcomes = list(pool.map(_score_case_or_failure, tasks))
     else:
-        scored = [_score_case(task) for task in tasks]
+        outcomes = [_score_case_or_failure(task) for task in tasks]
+    failures = {task[0]: outcome for task, outcome in zip(tasks, outcomes) if isinstance(outcome, BaseException)}
+    if failures and (fail_fast or len(tasks) == 1):
+        raise next(iter(failures.values()))
+    scored = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
 
     cases = {case: metrics for case, metrics, _ in scored}
     reference_labels = {case: present for case, _, present in scored}
@@ -285,9 +311,10 @@ def evaluate_folders(
         "missing_predictions": missing,
         "missing_prediction_score": 0.0,
     }
+    # Cases that could not be scored (a bad reference or prediction file): left out of every mean, listed here.
+    summary["failed_cases"] = {case: one_line(error) for case, error in failures.items()}
     result = {"cases": cases, "reference_labels": reference_labels, "summary": summary}
     if output_file is not None:
-        Path(output_file).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result, output_file)
     return result
 

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from nnunet_samflare.errors import CaseFailures, run_cases
 from nnunet_samflare.inference.cascade import (
     DEFAULT_ROI_MARGIN_MM,
     CascadePredictor,
@@ -24,11 +25,13 @@ from nnunet_samflare.inference.cascade import (
 )
 from nnunet_samflare.inference.parts import select_part
 from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
+from nnunet_samflare.inference.validation import CascadeGrids, validate_case, validate_loaded
 from nnunet_samflare.io import (
     Case,
     InputError,
     atomic_output,
     check_num_channels,
+    check_output_folder,
     find_cases,
     image_ending,
     read_case,
@@ -58,6 +61,29 @@ def default_device() -> str:
     return "cpu"
 
 
+def model_folders(
+    *,
+    dataset: str | int | None = None,
+    locator: str | os.PathLike | None = None,
+    segmenter: str | os.PathLike | None = None,
+    plans: str = DEFAULT_PLANS_NAME,
+    locator_trainer: str = LOCATOR_TRAINER,
+    segmenter_trainer: str = SEGMENTER_TRAINER,
+    **_: Any,
+) -> tuple[Path, Path]:
+    """The locator and segmenter model folders: given, or found from the dataset like nnUNetv2_predict finds them
+    (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``). Other options are ignored."""
+    if locator is None or segmenter is None:
+        if dataset is None:
+            raise InputError(None, "give a dataset (-d) or both model folders (--locator and --segmenter)")
+        locator = locator or model_folder(dataset, locator_trainer, plans, LOCATOR_CONFIGURATION)
+        segmenter = segmenter or model_folder(dataset, segmenter_trainer, plans, SEGMENTER_CONFIGURATION)
+    for folder in (locator, segmenter):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: model folder not found (train it or pass --locator/--segmenter)")
+    return Path(locator), Path(segmenter)
+
+
 def build_predictor(
     *,
     dataset: str | int | None = None,
@@ -78,14 +104,10 @@ def build_predictor(
 ) -> CascadePredictor:
     """A :class:`CascadePredictor` whose model folders are given, or found from the dataset like nnUNetv2_predict
     finds them (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``)."""
-    if locator is None or segmenter is None:
-        if dataset is None:
-            raise InputError(None, "give a dataset (-d) or both model folders (--locator and --segmenter)")
-        locator = locator or model_folder(dataset, locator_trainer, plans, LOCATOR_CONFIGURATION)
-        segmenter = segmenter or model_folder(dataset, segmenter_trainer, plans, SEGMENTER_CONFIGURATION)
-    for folder in (locator, segmenter):
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"{folder}: model folder not found (train it or pass --locator/--segmenter)")
+    locator, segmenter = model_folders(
+        dataset=dataset, locator=locator, segmenter=segmenter, plans=plans, locator_trainer=locator_trainer,
+        segmenter_trainer=segmenter_trainer,
+    )
     return CascadePredictor(
         locator,
         segmenter,
@@ -113,6 +135,7 @@ def predict(
     progress: bool = True,
     num_parts: int = 1,
     part_id: int = 0,
+    fail_fast: bool = False,
     **predictor_options: Any,
 ) -> list[Path] | sitk.Image:
     """Segment abdominal CT with the cascade.
@@ -124,16 +147,25 @@ def predict(
     returned. ``predictor`` reuses loaded models; else ``predictor_options`` go to :func:`build_predictor`
     (``dataset``, ``locator``, ``segmenter``, ``device``, ``tta``, ``gaussian``, ``margin_mm``, ...).
     ``num_parts``/``part_id``: only this part of the cases, as ``nnUNetv2_predict -num_parts -part_id`` splits them.
+
+    Every case is validated before any model work (:func:`nnunet_samflare.inference.validation.validate_case`).
+    For a folder, a case that is bad input or runs out of memory is set aside and the others go on; at the end
+    :class:`~nnunet_samflare.errors.CaseFailures` lists what failed (``fail_fast``: the first failure is raised
+    at once). One case, or an in-memory image, raises its error directly.
     """
+    grids = _cascade_grids(predictor, predictor_options)
     if isinstance(input, sitk.Image):
+        validate_case(input, grids, name=IN_MEMORY)  # geometry and memory, before any voxel is copied
+        if grids is not None:
+            check_num_channels(Case(IN_MEMORY, (Path(IN_MEMORY),), IN_MEMORY), grids.num_input_channels)
+        if output is not None:
+            output = Path(output)
+            check_output_folder(output.parent)
         data, properties = read_case(input, IN_MEMORY)
         predictor = predictor or build_predictor(**predictor_options)
-        check_num_channels(Case(IN_MEMORY, (Path(IN_MEMORY),), IN_MEMORY), predictor.num_input_channels)
         prediction = predictor.predict_case(data, properties)
         if output is None:
             return seg_to_image(prediction.segmentation, properties)
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
         write_seg_atomic(prediction.segmentation, properties, output)
         return [output]
     if output is None:
@@ -143,7 +175,8 @@ def predict(
     output = Path(output)
     single_file_output = len(cases) == 1 and image_ending(output) is not None
     out_dir = output.parent if single_file_output else output
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Before any work: writable, and not (inside) the input folder unless the user named the output file.
+    check_output_folder(out_dir, inputs=[] if single_file_output else [input])
     targets = [output if single_file_output else out_dir / case.output_name for case in cases]
     inputs = {f.resolve() for case in cases for f in case.files}
     for target in targets:
@@ -159,17 +192,39 @@ def predict(
     if not todo:
         return targets
 
-    predictor = predictor or build_predictor(**predictor_options)
-    for case, _ in todo:
-        check_num_channels(case, predictor.num_input_channels)
+    # One validation step per case, before any model is loaded; a bad case is set aside, the others go on.
+    failures: dict[str, BaseException] = {}
+    valid = []
+    for case, target in todo:
+        try:
+            validate_case(case, grids, probabilities=save_probabilities)
+            valid.append((case, target))
+        except InputError as error:
+            if fail_fast or len(cases) == 1:
+                raise
+            failures[case.case_id] = error
+    if valid:
+        predictor = predictor or build_predictor(**predictor_options)
     from tqdm import tqdm
 
+    written: list[Path] = []
+
+    def one_case(item: tuple[Case, Path]) -> Path:
+        case, target = item
+        predict_case_to_files(predictor, case, target, save_probabilities, stats, preview, grids=grids)
+        if not written:
+            _write_model_files(predictor, out_dir)
+        written.append(target)
+        return target
+
     # disable=None: a bar only on a terminal, so logs and error messages stay clean when redirected
-    with tqdm(todo, desc="samflare predict", unit="case", disable=None if progress else True) as bar:
-        for i, (case, target) in enumerate(bar):
-            predict_case_to_files(predictor, case, target, save_probabilities, stats, preview)
-            if i == 0:
-                _write_model_files(predictor, out_dir)
+    with tqdm(valid, desc="samflare predict", unit="case", disable=None if progress else True) as bar:
+        try:
+            run_cases(bar, one_case, lambda item: item[0].case_id, fail_fast=fail_fast or len(cases) == 1)
+        except CaseFailures as error:
+            failures.update(error.failures)
+    if failures:
+        raise CaseFailures(failures, len(todo), written)
     return targets
 
 
@@ -180,10 +235,14 @@ def predict_case_to_files(
     save_probabilities: bool = False,
     stats: bool = False,
     preview: bool = False,
+    grids: CascadeGrids | None = None,
 ) -> CasePrediction:
-    """Read, predict and write one case; the label map is written last."""
+    """Read, predict and write one case; the label map is written last. With ``grids``, a case whose geometry
+    was not known before reading (a DICOM series) is checked once read, before the models see it."""
     start = time.perf_counter()
     data, properties = read_case(case)
+    if case.is_dicom:
+        validate_loaded(data, properties, case.source, grids, save_probabilities)
     read_time = time.perf_counter() - start
     prediction = predictor.predict_case(data, properties, return_probabilities=save_probabilities)
     prediction.timings["read"] = read_time
@@ -230,6 +289,16 @@ def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool)
     if preview:
         wanted.append(target.with_name(stem + "_preview.png"))
     return all(p.is_file() for p in wanted)
+
+
+def _cascade_grids(predictor, predictor_options: dict) -> CascadeGrids | None:
+    """The two models' grids from a loaded predictor, or from their folders' plans (no checkpoint loaded); None
+    for a pipeline without nnU-Net model folders (its cases get the geometry checks only)."""
+    if predictor is not None:
+        return CascadeGrids.from_predictor(predictor) if isinstance(predictor, CascadePredictor) else None
+    if predictor_options.get("reference_pipeline"):
+        return None
+    return CascadeGrids.from_model_folders(*model_folders(**predictor_options))
 
 
 def _write_model_files(predictor: CascadePredictor, out_dir: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from nnunet_samflare.errors import run_cases
 from nnunet_samflare.inference.cascade import CascadePredictor, resize_nearest
 from nnunet_samflare.inference.roi import (
     load_roi_record,
@@ -25,9 +26,12 @@ from nnunet_samflare.inference.roi import (
     roi_record_from_properties,
     save_roi_record,
 )
+from nnunet_samflare.inference.validation import CascadeGrids, validate_case, validate_loaded
 from nnunet_samflare.io import (
+    Grid,
     InputError,
-    check_num_channels,
+    check_grids_fit,
+    check_output_folder,
     find_cases,
     list_image_files,
     read_case,
@@ -38,57 +42,77 @@ from nnunet_samflare.io import (
     write_seg_atomic,
 )
 
+
 def locate_to_folder(
-    predictor: CascadePredictor, input: str | os.PathLike, roi_dir: str | os.PathLike, continue_prediction: bool = False
+    predictor: CascadePredictor,
+    input: str | os.PathLike,
+    roi_dir: str | os.PathLike,
+    continue_prediction: bool = False,
+    fail_fast: bool = False,
 ) -> list[Path]:
     """For every case: the ROI image(s) resampled to the segmenter's grid, named ``<case>_000C.nii.gz`` for
     nnUNetv2_predict, and ``<case>.json`` with the box and the original geometry (written last). A case with no
-    foreground gets only its JSON (box null): ``uncrop`` then writes an all-background map."""
-    roi_dir = Path(roi_dir)
-    roi_dir.mkdir(parents=True, exist_ok=True)
+    foreground gets only its JSON (box null): ``uncrop`` then writes an all-background map.
+
+    Each case is validated before the locator sees it; a bad case is set aside and the others go on (raised at
+    the end as :class:`~nnunet_samflare.errors.CaseFailures`, or at once with ``fail_fast`` or a single case)."""
+    cases = find_cases(input)
+    roi_dir = check_output_folder(roi_dir, inputs=[input])
     if continue_prediction:
         remove_stale_temporaries(roi_dir)
-    records = []
-    for case in find_cases(input):
-        record_path = roi_dir / f"{case.case_id}.json"
-        records.append(record_path)
-        if continue_prediction and record_path.is_file():
-            continue
-        check_num_channels(case, predictor.num_input_channels)
-        data, properties = read_case(case)
-        box = predictor.locate(data, properties)
-        extra = {"case": case.case_id, "output_name": case.output_name, "margin_mm": predictor.roi_margin_mm}
-        if box is None:
-            warnings.warn(f"{case.source}: the locator found no foreground", stacklevel=2)
-        else:
-            roi = predictor.segmenter_input(data, properties, box)
-            geometry = roi.properties["sitk_stuff"]
-            for channel, array in enumerate(roi.data):
-                image = sitk.GetImageFromArray(array)
-                image.SetSpacing(geometry["spacing"])
-                image.SetOrigin(geometry["origin"])
-                image.SetDirection(geometry["direction"])
-                write_image_atomic(image, roi_dir / f"{case.case_id}_{channel:04d}.nii.gz")
-            extra["roi_shape_zyx"] = list(roi.data.shape[1:])
-        save_roi_record(roi_record_from_properties(box, data.shape[1:], properties, **extra), record_path)
-    return records
+    grids = CascadeGrids.from_predictor(predictor)
+    todo = [c for c in cases if not (continue_prediction and (roi_dir / f"{c.case_id}.json").is_file())]
+    run_cases(todo, lambda case: _locate_case(predictor, case, roi_dir, grids), lambda case: case.case_id,
+              fail_fast=fail_fast or len(cases) == 1)
+    return [roi_dir / f"{case.case_id}.json" for case in cases]
+
+
+def _locate_case(predictor: CascadePredictor, case, roi_dir: Path, grids: CascadeGrids) -> Path:
+    record_path = roi_dir / f"{case.case_id}.json"
+    validate_case(case, grids)
+    data, properties = read_case(case)
+    if case.is_dicom:
+        validate_loaded(data, properties, case.source, grids)
+    box = predictor.locate(data, properties)
+    extra = {"case": case.case_id, "output_name": case.output_name, "margin_mm": predictor.roi_margin_mm}
+    if box is None:
+        warnings.warn(f"{case.source}: the locator found no foreground", stacklevel=2)
+    else:
+        roi = predictor.segmenter_input(data, properties, box)
+        geometry = roi.properties["sitk_stuff"]
+        for channel, array in enumerate(roi.data):
+            image = sitk.GetImageFromArray(array)
+            image.SetSpacing(geometry["spacing"])
+            image.SetOrigin(geometry["origin"])
+            image.SetDirection(geometry["direction"])
+            write_image_atomic(image, roi_dir / f"{case.case_id}_{channel:04d}.nii.gz")
+        extra["roi_shape_zyx"] = list(roi.data.shape[1:])
+    save_roi_record(roi_record_from_properties(box, data.shape[1:], properties, **extra), record_path)
+    return record_path
 
 
 def uncrop_folder(
-    prediction_dir: str | os.PathLike, roi_dir: str | os.PathLike, output_dir: str | os.PathLike
+    prediction_dir: str | os.PathLike,
+    roi_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    fail_fast: bool = False,
 ) -> list[Path]:
     """Paste every ROI label map of ``prediction_dir`` back into its original geometry (records from
     ``roi_dir``), by nearest-neighbour interpolation, as ``CascadePredictor`` does."""
     prediction_dir, roi_dir, output_dir = Path(prediction_dir), Path(roi_dir), Path(output_dir)
+    if not roi_dir.is_dir():
+        raise InputError(roi_dir, "no such ROI folder; run samflare locate first")
     record_files = sorted(p for p in roi_dir.glob("*.json") if not p.name.startswith("."))
     if not record_files:
         raise InputError(roi_dir, "no ROI records (<case>.json) found; run samflare locate first")
     files = list_image_files(prediction_dir) if prediction_dir.is_dir() else []
     predictions = {strip_image_ending(p): p for p in files}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for record_file in record_files:
+    check_output_folder(output_dir, inputs=[prediction_dir, roi_dir])
+
+    def one_case(record_file: Path) -> Path:
         record = load_roi_record(record_file)
+        # the full-size map and its connected-component labels must fit, checked before either is allocated
+        check_grids_fit([Grid("full-size label map", tuple(record["shape_zyx"]), 1 + 4)], [], record_file)
         case_id = record.get("case", record_file.stem)
         roi_seg = None  # no box: paste_into_original gives an all-background map
         if record["box_zyx"] is not None:
@@ -106,5 +130,6 @@ def uncrop_folder(
         segmentation = paste_into_original(roi_seg, record)
         target = output_dir / record.get("output_name", f"{case_id}.nii.gz")
         write_seg_atomic(segmentation, properties_from_roi_record(record), target)
-        written.append(target)
-    return written
+        return target
+
+    return run_cases(record_files, one_case, lambda f: f.stem, fail_fast=fail_fast or len(record_files) == 1)

@@ -172,18 +172,32 @@ def _label_map_pairs(input_path: Path, output_path: Path) -> list[tuple[Path, Pa
     return pairs
 
 
-def postprocess_label_maps(input_path: str | os.PathLike, output_path: str | os.PathLike) -> list[Path]:
+def postprocess_label_maps(
+    input_path: str | os.PathLike, output_path: str | os.PathLike, fail_fast: bool = False
+) -> list[Path]:
     """:func:`postprocess_flare` on one label map file or every one of a folder. Outputs keep the input's name,
-    format and geometry and are written atomically."""
+    format and geometry and are written atomically. The output folder is checked before any work; a bad label
+    map is set aside and the others go on (:class:`~nnunet_samflare.errors.CaseFailures` at the end)."""
     import SimpleITK as sitk
     from tqdm import tqdm
 
-    pairs = _label_map_pairs(Path(input_path), Path(output_path))
-    for src, dst in tqdm(pairs, desc="postprocess", unit="case", disable=None if len(pairs) > 1 else True):
+    from nnunet_samflare.errors import run_cases
+    from nnunet_samflare.io import Grid, check_grids_fit, check_output_folder, read_header
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    pairs = _label_map_pairs(input_path, output_path)
+    check_output_folder(pairs[0][1].parent, inputs=[] if input_path.is_file() else [input_path])
+
+    def one(pair: tuple[Path, Path]) -> Path:
+        src, dst = pair
+        geometry = read_header(src)  # geometry and memory before any voxel is read
+        check_grids_fit([Grid("label map, its copy and component labels", geometry.shape_zyx, 2 + 2 + 4)], [], src)
         image = read_label_map(src)
         seg = sitk.GetArrayFromImage(image)
         result = sitk.GetImageFromArray(postprocess_flare(seg).astype(seg.dtype, copy=False))
         result.CopyInformation(image)  # spacing, origin, direction: exactly those of the input
-        dst.parent.mkdir(parents=True, exist_ok=True)
         write_image_atomic(result, dst)
-    return [dst for _, dst in pairs]
+        return dst
+
+    bar = tqdm(pairs, desc="postprocess", unit="case", disable=None if len(pairs) > 1 else True)
+    return run_cases(bar, one, lambda pair: pair[0].name, fail_fast=fail_fast or len(pairs) == 1)

@@ -59,13 +59,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 def check_output_folder(folder: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Create ``folder`` if needed and make sure a file can be created in it, before any work.
 
-    Refuses (:class:`InputError`) a folder that is one of ``inputs`` (files or folders) or lies inside an input
-    folder: outputs would land among the scans. Returns the folder.
+    Refuses (:class:`InputError`) a folder that is an input folder or lies inside one, and the folder of an input
+    file: outputs would land among the scans. Returns the folder.
     """
     folder = Path(folder)
     resolved = folder.resolve()
     for source in inputs:
         source = Path(source).resolve()
+        if source.is_file() and resolved == source.parent:
+            raise InputError(folder, f"output folder is the folder of the input {source.name}; choose another one")
         if source.is_dir() and (resolved == source or source in resolved.parents):
             where = "the input folder" if resolved == source else f"inside the input folder {source}"
             raise InputError(folder, f"output folder is {where}; choose a folder outside it")
