@@ -80,6 +80,6 @@ setup(
         "psutil",
         "nvidia-ml-py",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={"test": ["pytest", "ruff", "hypothesis"]},
     entry_points={"console_scripts": ["samflare = nnunet_samflare.cli:main"]},
 )
