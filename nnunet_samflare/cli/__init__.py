@@ -17,6 +17,8 @@ _COMMAND_MODULES = (
     "postprocess",
     "evaluate",
     "profile",
+    "demo",
+    "export",
 )
 
 

@@ -2,4 +2,6 @@
 
 from nnunet_samflare.cli import main
 
-raise SystemExit(main())
+# The guard matters: nnU-Net's worker pools use spawn, which re-imports the main module in every worker.
+if __name__ == "__main__":
+    raise SystemExit(main())
