@@ -6,6 +6,7 @@ composition, robustness and file handling, not accuracy).
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -208,8 +209,11 @@ def test_missing_model_folder_and_wrong_channel_count(trained_models, monkeypatc
                           "--locator", str(missing), "--segmenter", str(missing), "-device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and str(missing) in err
-    sitk.WriteImage(ct, str(tmp_path / "scan_0001.nii.gz"))  # a second channel the CT models do not take
-    code = samflare_main(["predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), *MODELS])
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(tmp_path / "scan_0000.nii.gz", images / "scan_0000.nii.gz")
+    sitk.WriteImage(ct, str(images / "scan_0001.nii.gz"))  # a second channel the CT models do not take
+    code = samflare_main(["predict", "-i", str(images), "-o", str(tmp_path / "out"), *MODELS])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "scan" in err and "channel" in err
     assert not list((tmp_path / "out").glob("*.nii.gz"))
