@@ -153,8 +153,8 @@ def predict(
     :class:`~nnunet_samflare.errors.CaseFailures` lists what failed (``fail_fast``: the first failure is raised
     at once). One case, or an in-memory image, raises its error directly.
     """
-    grids = _cascade_grids(predictor, predictor_options)
     if isinstance(input, sitk.Image):
+        grids = _cascade_grids(predictor, predictor_options)
         validate_case(input, grids, name=IN_MEMORY)  # geometry and memory, before any voxel is copied
         if grids is not None:
             check_num_channels(Case(IN_MEMORY, (Path(IN_MEMORY),), IN_MEMORY), grids.num_input_channels)
@@ -191,6 +191,7 @@ def predict(
     ]
     if not todo:
         return targets
+    grids = _cascade_grids(predictor, predictor_options)  # from the plans only: no checkpoint is loaded yet
 
     # One validation step per case, before any model is loaded; a bad case is set aside, the others go on.
     failures: dict[str, BaseException] = {}
