@@ -15,7 +15,7 @@ start-up, which appends the trainer shim folder to ``nnUNet_extTrainer`` so that
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 PTH_FILE = "nnunet_samflare_autoregister.pth"
@@ -45,18 +45,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "nnunet_samflare",
-        "nnunet_samflare.io",
-        "nnunet_samflare.networks",
-        "nnunet_samflare.training",
-        "nnunet_samflare.inference",
-        "nnunet_samflare.evaluation",
-        "nnunet_samflare.cli",
-        "nnunet_samflare.nnunet_trainers",
-        "nnunet_samflare.plans",
-        "nnunet_samflare.example_data",
-    ],
+    # Every sub-package of nnunet_samflare/ (a new one cannot be forgotten), plus the two folders mapped in below.
+    packages=find_packages(include=["nnunet_samflare", "nnunet_samflare.*"])
+    + ["nnunet_samflare.nnunet_trainers", "nnunet_samflare.plans"],
     package_dir={
         "nnunet_samflare.nnunet_trainers": "trainers",
         "nnunet_samflare.plans": "plans",

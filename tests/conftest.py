@@ -101,6 +101,16 @@ def data_file(name: str, kind: str, case: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remove_checkpoints_at_session_end(tmp_path_factory):
+    """nnU-Net checkpoints are most of what the suite writes (~0.9 GB a run, with optimizer state): delete every
+    ``*.pth`` under this session's temporary folder when it ends. What remains is small, and pytest keeps it for
+    the last runs only (``tmp_path_retention_*`` in pyproject.toml)."""
+    yield
+    for checkpoint in tmp_path_factory.getbasetemp().rglob("*.pth"):
+        checkpoint.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def nnunet_folders(tmp_path_factory) -> NnUNetFolders:
     root = tmp_path_factory.mktemp("nnunet")
