@@ -1,51 +1,75 @@
-"""Sliding-window inference with several tiles per forward pass.
+"""Sliding-window inference with several tiles per forward pass, inside nnU-Net's own loop.
 
 nnU-Net's predictor runs one tile at a time; on a GPU a 96³ tile of the segmenter leaves most of the device
-idle. ``TileBatchingPredictor`` changes only how tiles are fed (``tile_batch_size`` at once); tiling, blending,
-mirroring, fp16 accumulation on the device and nnU-Net's fall-back to host memory on OOM are unchanged.
+idle. ``TileBatchingPredictor`` keeps nnU-Net's ``_internal_predict_sliding_window_return_logits`` as it is —
+tile order, the producer thread, blending, fp16 accumulation, its error-path clean-up and the fall-back to host
+memory after a CUDA out-of-memory error — and changes only what one call of its per-tile hook
+``_internal_maybe_mirror_and_predict`` does: the first call predicts the next ``tile_batch_size`` tiles in one
+forward pass and hands the others out on the following calls. nnU-Net asks for the tiles in the order of its
+slicers, so the batch can be read from the same padded data at the same slicers. When an attempt fails, what it
+held is released before nnU-Net's retry (``tests/test_tiling.py`` forces that path with a stand-in network).
 """
 
 from __future__ import annotations
 
+import traceback
+from collections import deque
+
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+
+class _TileBatches:
+    """Predictions of the tiles ``slicers`` of ``data``, computed ``size`` at a time, handed out in order."""
+
+    def __init__(self, predict, data: torch.Tensor, slicers, size: int, device: torch.device):
+        self.predict, self.data, self.slicers, self.size, self.device = predict, data, slicers, size, device
+        self.next_tile = 0
+        self.ready: deque[torch.Tensor] = deque()
+
+    def take(self, tile: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            group = self.slicers[self.next_tile : self.next_tile + self.size]
+            batch = torch.stack([self.data[s] for s in group]).to(self.device)
+            self.ready.extend(prediction[None] for prediction in self.predict(batch))
+            del batch
+        index = self.next_tile
+        self.next_tile += 1
+        if index >= len(self.slicers) or tile.shape[1:] != self.data[self.slicers[index]].shape:
+            raise RuntimeError("nnU-Net asked for tiles in an unexpected order; use tile_batch_size 1")
+        return self.ready.popleft()
 
 
 class TileBatchingPredictor(nnUNetPredictor):
-    """``nnUNetPredictor`` that predicts ``tile_batch_size`` tiles per network call (1 = nnU-Net's own loop)."""
+    """``nnUNetPredictor`` that predicts ``tile_batch_size`` tiles per network call (1 = nnU-Net unchanged)."""
 
     tile_batch_size: int = 1
+    _batches: _TileBatches | None = None
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(
         self, data: torch.Tensor, slicers, do_on_device: bool = True
     ) -> torch.Tensor:
-        if self.tile_batch_size <= 1:
-            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
-        results_device = self.device if do_on_device else torch.device("cpu")
-        data = data.to(results_device)
-        num_heads = self.label_manager.num_segmentation_heads
-        logits = torch.zeros((num_heads, *data.shape[1:]), dtype=torch.half, device=results_device)
-        weight_sum = torch.zeros(data.shape[1:], dtype=torch.half, device=results_device)
-        if self.use_gaussian:
-            # the same cached weights nnU-Net's loop uses
-            weight = compute_gaussian(
-                tuple(self.configuration_manager.patch_size),
-                sigma_scale=1.0 / 8,
-                value_scaling_factor=10,
-                device=results_device,
+        if self.tile_batch_size > 1:
+            self._batches = _TileBatches(
+                super()._internal_maybe_mirror_and_predict, data, slicers, self.tile_batch_size, self.device
             )
-        else:
-            weight = 1
-        for start in range(0, len(slicers), self.tile_batch_size):
-            group = slicers[start : start + self.tile_batch_size]
-            tiles = torch.stack([data[s] for s in group]).to(self.device)
-            predictions = self._internal_maybe_mirror_and_predict(tiles).to(results_device)
-            for prediction, s in zip(predictions, group):
-                logits[s] += prediction * weight if self.use_gaussian else prediction
-                weight_sum[s[1:]] += weight
-        torch.div(logits, weight_sum, out=logits)
-        if torch.isinf(logits).any():
-            raise RuntimeError("inf in the accumulated logits (fp16 overflow); use tile_batch_size 1 to compare")
-        return logits
+        try:
+            return super()._internal_predict_sliding_window_return_logits(data, slicers, do_on_device)
+        except RuntimeError as error:
+            # nnU-Net retries with results on the host while still inside its exception handler, so the
+            # traceback keeps every failed frame alive with the tensors it held on the GPU (the tile in the
+            # network's forward, a batch of predictions here). nnU-Net deletes its own loop's tensors; free the
+            # rest before its retry.
+            if self._batches is not None:
+                self._batches.ready.clear()
+            traceback.clear_frames(error.__traceback__)
+            raise
+        finally:
+            self._batches = None
+
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self._batches is None:
+            return super()._internal_maybe_mirror_and_predict(x)
+        return self._batches.take(x)

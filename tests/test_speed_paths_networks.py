@@ -1,0 +1,66 @@
+"""The segmenter with its fast layers computes the plain segmenter's function: same outputs, same gradients, same
+parameters (names, shapes, checkpoints)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from nnunet_samflare.networks import SAMHybridUNet
+from nnunet_samflare.networks.fast_paths import GroupedPointwiseConv3d, use_fast_paths
+
+
+def small_segmenter() -> SAMHybridUNet:
+    torch.manual_seed(0)
+    # every block type (SAM with 3 kernel sizes, MSA, Mix-FFN) at a test-sized width
+    return SAMHybridUNet(
+        1, 4, embed_dims=[12, 24, 48, 96], depths=[1, 2, 2, 1], sam_heads=[3, 3, 3, 0], msa_heads=[0, 0, 4, 4]
+    )
+
+
+def test_grouped_pointwise_conv_equals_the_plain_layer_forward_and_backward():
+    torch.manual_seed(1)
+    plain = torch.nn.Conv3d(12, 24, kernel_size=1, groups=4)
+    fast = copy.deepcopy(plain)
+    fast.__class__ = GroupedPointwiseConv3d
+    x = torch.randn(2, 12, 5, 6, 7, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_()
+    out, out_fast = plain(x), fast(x_fast)
+    torch.testing.assert_close(out_fast, out)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_fast.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x.grad)
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
+    torch.testing.assert_close(fast.bias.grad, plain.bias.grad)
+
+
+def test_fast_segmenter_equals_plain_outputs_gradients_and_parameters():
+    plain = small_segmenter()
+    fast = copy.deepcopy(plain)
+    assert use_fast_paths(fast) == 4  # one proj0 per SAM block: 1 + 2 + 1 (stage 3 alternates SAM and MSA)
+    plain_state, fast_state = plain.state_dict(), fast.state_dict()
+    assert list(fast_state) == list(plain_state)
+    assert all(fast_state[k].shape == v.shape for k, v in plain_state.items())
+
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for network in (plain, fast):
+        network.train()
+        loss = torch.nn.functional.cross_entropy(network(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = dict(plain.named_parameters())
+    for name, parameter in fast.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    plain.eval(), fast.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    reloaded = small_segmenter()  # a plain network loads the fast one's checkpoint, and the other way round
+    reloaded.load_state_dict(fast.state_dict())
+    use_fast_paths(reloaded)
+    reloaded.load_state_dict(plain.state_dict())
