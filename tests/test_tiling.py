@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from test_speed_paths import DATASET_JSON, plans_manager
+from nnunet_stand_ins import DATASET_JSON, plans_manager
 from torch import nn
 
 from nnunet_samflare.inference.tiling import TileBatchingPredictor
@@ -38,8 +38,14 @@ class StandIn(nn.Module):
 def predictor(tile_batch_size: int, gaussian: bool = True, mirroring: bool = False) -> TileBatchingPredictor:
     manager, configuration = plans_manager()
     p = TileBatchingPredictor(
-        tile_step_size=0.5, use_gaussian=gaussian, use_mirroring=mirroring, perform_everything_on_device=False,
-        device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+        tile_step_size=0.5,
+        use_gaussian=gaussian,
+        use_mirroring=mirroring,
+        perform_everything_on_device=False,
+        device=torch.device("cpu"),
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
     )
     p.manual_initialization(StandIn(), manager, configuration, None, DATASET_JSON, "StandIn", (0, 1, 2))
     p.tile_batch_size = tile_batch_size
