@@ -3,6 +3,7 @@
 import argparse
 
 from nnunet_samflare.cli._models import add_fail_fast_argument, add_model_arguments, predictor_options
+from nnunet_samflare.cli._reference import add_reference_arguments, reference_kwargs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--preview", action="store_true", help="also <case>_preview.png: axial + coronal overlay")
     o.add_argument("--no_postprocessing", action="store_true",
                    help="skip largest-component and isolated-tumour post-processing")
+    add_reference_arguments(p)
     p.set_defaults(func=_run)
 
 
@@ -46,6 +48,6 @@ def predict_kwargs(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> int:
     from nnunet_samflare.inference.api import predict
 
-    written = predict(args.input, args.output, **predict_kwargs(args))
+    written = predict(args.input, args.output, **predict_kwargs(args), **reference_kwargs(args))
     print(f"{len(written)} label map(s) in {args.output}")
     return 0

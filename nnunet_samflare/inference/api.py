@@ -24,6 +24,7 @@ from nnunet_samflare.inference.cascade import (
     model_folder,
 )
 from nnunet_samflare.inference.parts import select_part
+from nnunet_samflare.inference.reference_pipeline import ReferencePipeline
 from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
 from nnunet_samflare.inference.validation import CascadeGrids, validate_case, validate_loaded
 from nnunet_samflare.io import (
@@ -101,9 +102,15 @@ def build_predictor(
     margin_mm: float | None = None,
     postprocess: bool = True,
     tile_batch: int | None = None,
-) -> CascadePredictor:
+    reference_pipeline: bool = False,
+    locator_weights: str | os.PathLike | None = None,
+    segmenter_weights: str | os.PathLike | None = None,
+) -> CascadePredictor | ReferencePipeline:
     """A :class:`CascadePredictor` whose model folders are given, or found from the dataset like nnUNetv2_predict
-    finds them (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``)."""
+    finds them (``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>``). With ``reference_pipeline``:
+    the authors' own inference with their weight files (only ``device`` applies; docs/method.md §5)."""
+    if reference_pipeline:
+        return ReferencePipeline.from_weights(locator_weights, segmenter_weights, device=device or default_device())
     locator, segmenter = model_folders(
         dataset=dataset, locator=locator, segmenter=segmenter, plans=plans, locator_trainer=locator_trainer,
         segmenter_trainer=segmenter_trainer,
@@ -302,7 +309,9 @@ def _cascade_grids(predictor, predictor_options: dict) -> CascadeGrids | None:
     return CascadeGrids.from_model_folders(*model_folders(**predictor_options))
 
 
-def _write_model_files(predictor: CascadePredictor, out_dir: Path) -> None:
+def _write_model_files(predictor: CascadePredictor | ReferencePipeline, out_dir: Path) -> None:
+    if isinstance(predictor, ReferencePipeline):
+        return  # no nnU-Net model folder behind it
     # nnUNetv2_apply_postprocessing and the ensembling tools expect these beside the predictions (NNUNET.md §10.14).
     write_json_atomic(predictor.segmenter.dataset_json, out_dir / "dataset.json")
     write_json_atomic(predictor.segmenter.plans_manager.plans, out_dir / "plans.json")
