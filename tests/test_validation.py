@@ -260,3 +260,19 @@ def test_same_input_same_labels_bit_for_bit_across_runs_and_continue_prediction(
         a = sitk.GetArrayFromImage(sitk.ReadImage(str(first / f"case{i}.nii.gz")))
         b = sitk.GetArrayFromImage(sitk.ReadImage(str(second / f"case{i}.nii.gz")))
         np.testing.assert_array_equal(a, b)
+
+
+def test_locate_validates_every_case_before_loading_the_models(models, tmp_path, capsys, monkeypatch):
+    images = tmp_path / "images"
+    write(scan(seed=3), images / "a_0000.nii.gz")
+    zero_spacing_nifti(images / "b_0000.nii.gz")
+    args = ["locate", "-i", str(images), "-o", str(tmp_path / "roi"), "--locator", str(models[0]),
+            "--segmenter", str(models[1]), "-device", "cpu"]
+    with monkeypatch.context() as patch:  # only a bad case: refused before any model is loaded
+        patch.setattr(api, "build_predictor", never)
+        assert main([*args, "--fail-fast"]) == EXIT_BAD_INPUT
+    assert "b_0000.nii.gz" in capsys.readouterr().err
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("1 of 2 case(s) failed: b")
+    assert sorted(p.name for p in (tmp_path / "roi").glob("*.json")) == ["a.json"]

@@ -22,10 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from nnunet_samflare.inference.api import build_predictor
+    from nnunet_samflare.inference.api import build_predictor, model_folders
     from nnunet_samflare.inference.composition import locate_to_folder
+    from nnunet_samflare.inference.validation import CascadeGrids
 
-    predictor = build_predictor(**predictor_options(args))
-    records = locate_to_folder(predictor, args.input, args.output, args.continue_prediction, args.fail_fast)
+    options = predictor_options(args)
+    grids = CascadeGrids.from_model_folders(*model_folders(**options))  # plans only: no checkpoint loaded yet
+    records = locate_to_folder(lambda: build_predictor(**options), args.input, args.output, args.continue_prediction,
+                               args.fail_fast, grids=grids)
     print(f"{len(records)} case(s) located in {args.output}")
     return 0

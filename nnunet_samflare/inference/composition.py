@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from nnunet_samflare.errors import run_cases
+from nnunet_samflare.errors import CaseFailures, run_cases
 from nnunet_samflare.inference.cascade import CascadePredictor, resize_nearest
 from nnunet_samflare.inference.roi import (
     load_roi_record,
@@ -44,32 +45,54 @@ from nnunet_samflare.io import (
 
 
 def locate_to_folder(
-    predictor: CascadePredictor,
+    predictor: CascadePredictor | Callable[[], CascadePredictor],
     input: str | os.PathLike,
     roi_dir: str | os.PathLike,
     continue_prediction: bool = False,
     fail_fast: bool = False,
+    *,
+    grids: CascadeGrids | None = None,
 ) -> list[Path]:
     """For every case: the ROI image(s) resampled to the segmenter's grid, named ``<case>_000C.nii.gz`` for
     nnUNetv2_predict, and ``<case>.json`` with the box and the original geometry (written last). A case with no
     foreground gets only its JSON (box null): ``uncrop`` then writes an all-background map.
 
-    Each case is validated before the locator sees it; a bad case is set aside and the others go on (raised at
-    the end as :class:`~nnunet_samflare.errors.CaseFailures`, or at once with ``fail_fast`` or a single case)."""
+    ``predictor`` is a loaded predictor, or a function that loads one: it is then called only once every case
+    has been validated, with ``grids`` (from the model folders' plans) for the memory estimate. A bad case is
+    set aside and the others go on (raised at the end as :class:`~nnunet_samflare.errors.CaseFailures`, or at
+    once with ``fail_fast`` or a single case)."""
     cases = find_cases(input)
     roi_dir = check_output_folder(roi_dir, inputs=[input])
     if continue_prediction:
         remove_stale_temporaries(roi_dir)
-    grids = CascadeGrids.from_predictor(predictor)
+    if grids is None:
+        grids = CascadeGrids.from_predictor(predictor)
+    fail_fast = fail_fast or len(cases) == 1
     todo = [c for c in cases if not (continue_prediction and (roi_dir / f"{c.case_id}.json").is_file())]
-    run_cases(todo, lambda case: _locate_case(predictor, case, roi_dir, grids), lambda case: case.case_id,
-              fail_fast=fail_fast or len(cases) == 1)
+    failures: dict[str, BaseException] = {}
+    valid = []
+    for case in todo:  # one validation step per case, before any model work
+        try:
+            validate_case(case, grids)
+            valid.append(case)
+        except InputError as error:
+            if fail_fast:
+                raise
+            failures[case.case_id] = error
+    if valid and not isinstance(predictor, CascadePredictor):
+        predictor = predictor()
+    try:
+        run_cases(valid, lambda case: _locate_case(predictor, case, roi_dir, grids), lambda case: case.case_id,
+                  fail_fast=fail_fast)
+    except CaseFailures as error:
+        failures.update(error.failures)
+    if failures:
+        raise CaseFailures(failures, len(todo))
     return [roi_dir / f"{case.case_id}.json" for case in cases]
 
 
 def _locate_case(predictor: CascadePredictor, case, roi_dir: Path, grids: CascadeGrids) -> Path:
     record_path = roi_dir / f"{case.case_id}.json"
-    validate_case(case, grids)
     data, properties = read_case(case)
     if case.is_dicom:
         validate_loaded(data, properties, case.source, grids)
