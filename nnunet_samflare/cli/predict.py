@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--preview", action="store_true", help="also <case>_preview.png: axial + coronal overlay")
     o.add_argument("--no_postprocessing", action="store_true",
                    help="skip largest-component and isolated-tumour post-processing")
+    o.add_argument("--num_parts", type=int, default=1,
+                   help="split the cases into this many parts, as nnUNetv2_predict does (one job per part)")
+    o.add_argument("--part_id", type=int, default=0, help="which part this job predicts, 0 .. num_parts - 1")
     add_reference_arguments(p)
     p.set_defaults(func=_run)
 
@@ -41,6 +44,8 @@ def predict_kwargs(args: argparse.Namespace) -> dict:
         stats=args.stats,
         preview=args.preview,
         fail_fast=args.fail_fast,
+        num_parts=args.num_parts,
+        part_id=args.part_id,
         **options,
     )
 
