@@ -5,4 +5,5 @@ nnU-Net imports every module of this folder as a top-level module and then purge
 live in ``nnunet_samflare.training.trainers`` and are only re-exported.
 """
 
+from nnunet_samflare.training.partial_labels import *  # noqa: F401,F403
 from nnunet_samflare.training.trainers import *  # noqa: F401,F403

@@ -15,6 +15,7 @@ _COMMAND_MODULES = (
     "locate",
     "uncrop",
     "postprocess",
+    "pseudolabel",
     "evaluate",
     "profile",
     "demo",

@@ -1,0 +1,289 @@
+"""merge / vote / filter of the pseudo-label pipeline: hand-built arrays with known answers, the real partially
+labelled CT, and bad input (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_samflare.cli import main as samflare_main
+from nnunet_samflare.errors import InputError
+from nnunet_samflare.pseudolabel.filtering import filter_folder, filter_pseudo_label
+from nnunet_samflare.pseudolabel.merge import merge_folders, merge_with_ground_truth
+from nnunet_samflare.pseudolabel.probabilities import ProbabilityReader, write_probabilities
+from nnunet_samflare.pseudolabel.vote import vote_case, vote_folders
+
+from conftest import data_file, dataset, read_json
+
+GEOMETRY = {"spacing": (1.5, 1.5, 3.0), "origin": (-10.0, 20.0, 5.0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)}
+
+
+def write_fold(folder: Path, case: str, probabilities: np.ndarray, geometry: dict = GEOMETRY) -> Path:
+    """What --save_probabilities writes: <case>.npz and <case>.pkl (nnU-Net's properties)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / f"{case}.npz", probabilities=probabilities.astype(np.float32))
+    properties = {"sitk_stuff": {k: tuple(float(x) for x in v) for k, v in geometry.items()},
+                  "spacing": list(geometry["spacing"][::-1])}
+    with open(folder / f"{case}.pkl", "wb") as f:
+        pickle.dump(properties, f)
+    return folder / f"{case}.npz"
+
+
+def label_image(array: np.ndarray, like: sitk.Image | None = None) -> sitk.Image:
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    if like is not None:
+        image.CopyInformation(like)
+    else:
+        image.SetSpacing(GEOMETRY["spacing"])
+        image.SetOrigin(GEOMETRY["origin"])
+    return image
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+# -- merge ---------------------------------------------------------------------------------------------------------
+
+
+def test_merge_hand_built():
+    gt = np.array([0, 1, 1, 0, 0, 0, 1, 0])
+    pseudo = np.array([3, 3, 1, 1, 2, 0, 0, 15])
+    # voxel: 0 pseudo fills | 1, 2, 6 ground truth wins | 3 liver not added where GT says no liver -> 0 |
+    #        4 other organ kept | 5 background kept | 7 ignore kept (unknown where GT has nothing to say)
+    assert merge_with_ground_truth(gt, pseudo, {1}).tolist() == [3, 1, 1, 0, 2, 0, 1, 15]
+    assert merge_with_ground_truth(gt, pseudo, None).tolist() == gt.tolist()  # fully annotated
+    # two annotated labels: a pseudo label of either never appears outside the GT's own voxels of it
+    gt2 = np.array([0, 1, 2, 0, 2])
+    pseudo2 = np.array([2, 2, 1, 3, 0])
+    assert merge_with_ground_truth(gt2, pseudo2, {1, 2}).tolist() == [0, 1, 2, 3, 2]
+
+
+@pytest.mark.parametrize("name", ["partial", "tumor_pseudohu"])
+def test_merge_real_partial_cases_keep_every_annotated_voxel(tmp_path, name):
+    shutil.copytree(dataset(name) / "labelsTr", tmp_path / "gt")
+    shutil.copy(dataset(name) / "dataset.json", tmp_path / "dataset.json")
+    (tmp_path / "pseudo").mkdir()
+    partial = read_json(dataset(name) / "dataset.json")["partial_labels"]
+    rng = np.random.default_rng(0)
+    pseudo = {}
+    for case in partial:
+        gt_image = sitk.ReadImage(str(tmp_path / "gt" / f"{case}.nii.gz"))
+        pseudo[case] = rng.integers(0, 15, size=gt_image.GetSize()[::-1])  # disagrees wherever it can
+        sitk.WriteImage(label_image(pseudo[case], gt_image), str(tmp_path / "pseudo" / f"{case}.nii.gz"))
+    assert samflare_main(["pseudolabel", "merge", "--gt", str(tmp_path / "gt"), "--pseudo", str(tmp_path / "pseudo"),
+                          "-o", str(tmp_path / "out")]) == 0
+    for case, labels in partial.items():
+        gt_image = sitk.ReadImage(str(tmp_path / "gt" / f"{case}.nii.gz"))
+        gt = sitk.GetArrayFromImage(gt_image)
+        merged_image = sitk.ReadImage(str(tmp_path / "out" / f"{case}.nii.gz"))
+        merged = sitk.GetArrayFromImage(merged_image)
+        annotated = np.isin(gt, labels)
+        assert annotated.any()
+        assert np.array_equal(merged[annotated], gt[annotated])  # no annotated voxel changes
+        assert not np.isin(merged[~annotated], labels).any()  # an annotated label is never added
+        others = ~annotated & ~np.isin(pseudo[case], labels)
+        assert np.array_equal(merged[others], pseudo[case][others])  # pseudo labels fill the rest
+        assert merged_image.GetSize() == gt_image.GetSize()
+        np.testing.assert_allclose(merged_image.GetOrigin(), gt_image.GetOrigin())
+        record = read_json(tmp_path / "out" / f"{case}_merge.json")
+        assert record["provenance"] == "ground_truth+pseudo" and record["annotated"] == labels
+        assert record["from_ground_truth"] == int(annotated.sum())
+
+
+def test_merge_fully_annotated_and_unlabelled_cases(tmp_path):
+    gt_dir, pseudo_dir = tmp_path / "gt", tmp_path / "pseudo"
+    gt_dir.mkdir()
+    pseudo_dir.mkdir()
+    shutil.copy(data_file("flare_like", "label", "TSEX_0002"), gt_dir / "TSEX_0002.nii.gz")
+    gt = read(gt_dir / "TSEX_0002.nii.gz")
+    sitk.WriteImage(label_image(np.zeros_like(gt), sitk.ReadImage(str(gt_dir / "TSEX_0002.nii.gz"))),
+                    str(pseudo_dir / "TSEX_0002.nii.gz"))
+    sitk.WriteImage(label_image(np.full((3, 4, 5), 7)), str(pseudo_dir / "UNL_0001.nii.gz"))
+    records = merge_folders(gt_dir, pseudo_dir, tmp_path / "out")  # no dataset.json: every GT is complete
+    assert records["TSEX_0002"]["provenance"] == "ground_truth"
+    assert np.array_equal(read(tmp_path / "out" / "TSEX_0002.nii.gz"), gt)
+    assert records["UNL_0001"]["provenance"] == "pseudo"
+    assert np.all(read(tmp_path / "out" / "UNL_0001.nii.gz") == 7)
+
+
+# -- vote ----------------------------------------------------------------------------------------------------------
+
+
+def test_vote_averages_streams_and_reports_agreement(tmp_path):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 4, 5, 6, 7)) * 3
+    folds = [softmax(fold).astype(np.float32) for fold in logits]
+    files = [write_fold(tmp_path / f"fold_{k}", "case", p) for k, p in enumerate(folds)]
+    record = vote_case(files, tmp_path / "voted", "case", ".nii.gz")
+
+    mean = (folds[0] + folds[1]) / 2
+    voted = read(tmp_path / "voted" / "case.nii.gz")
+    assert np.array_equal(voted, mean.argmax(0))
+    np.testing.assert_array_equal(np.load(tmp_path / "voted" / "case.npz")["probabilities"], mean)
+    labels = [f.argmax(0) for f in folds]
+    agree = labels[0] == labels[1]
+    assert agree.any() and not agree.all()
+    assert np.array_equal(voted[agree], labels[0][agree])  # where both folds agree, their label stays
+    for label in range(4):
+        both = int(((labels[0] == label) & (labels[1] == label)).sum())
+        either = int((labels[0] == label).sum() + (labels[1] == label).sum())
+        assert record["agreement"].get(str(label), [0, 0]) == ([both, either] if either else [0, 0])
+    image = sitk.ReadImage(str(tmp_path / "voted" / "case.nii.gz"))
+    np.testing.assert_allclose(image.GetSpacing(), GEOMETRY["spacing"])
+    np.testing.assert_allclose(image.GetOrigin(), GEOMETRY["origin"])
+
+
+def test_vote_of_one_fold_is_its_argmax_and_equal_probabilities_keep_the_lower_class(tmp_path):
+    probabilities = np.zeros((3, 1, 1, 4), dtype=np.float32)
+    probabilities[:, 0, 0, 0] = [0.2, 0.4, 0.4]  # tie: the lower class wins, as np.argmax
+    probabilities[:, 0, 0, 1] = [0.1, 0.1, 0.8]
+    probabilities[:, 0, 0, 2] = [1.0, 0.0, 0.0]
+    probabilities[:, 0, 0, 3] = [0.3, 0.6, 0.1]
+    vote_case([write_fold(tmp_path / "f", "c", probabilities)], tmp_path / "v", "c", ".nii.gz")
+    assert read(tmp_path / "v" / "c.nii.gz").ravel().tolist() == [1, 2, 0, 1]
+    assert np.array_equal(np.load(tmp_path / "v" / "c.npz")["probabilities"], probabilities)
+
+
+def test_written_probabilities_are_reproducible_and_streamable(tmp_path):
+    array = np.random.default_rng(2).random((3, 4, 5, 6), dtype=np.float32)
+    write_probabilities(tmp_path / "a.npz", array.shape, iter(array))
+    write_probabilities(tmp_path / "b.npz", array.shape, iter(array))
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    reader = ProbabilityReader(tmp_path / "a.npz")
+    assert reader.shape == array.shape
+    assert np.array_equal(np.stack(list(reader.channels())), array)
+
+
+@pytest.mark.parametrize("what", ["shape", "spacing"])
+def test_vote_names_the_fold_that_does_not_fit_and_writes_nothing(tmp_path, capsys, what):
+    good = softmax(np.random.default_rng(3).normal(size=(3, 4, 5, 6))).astype(np.float32)
+    write_fold(tmp_path / "fold_0", "case", good)
+    if what == "shape":
+        write_fold(tmp_path / "fold_1", "case", good[:, :3])
+    else:
+        write_fold(tmp_path / "fold_1", "case", good, dict(GEOMETRY, spacing=(1.5, 1.5, 2.0)))
+    out = tmp_path / "out"
+    code = samflare_main(["pseudolabel", "vote", "-i", str(tmp_path / "fold_0"), str(tmp_path / "fold_1"),
+                          "-o", str(out)])
+    message = capsys.readouterr().err.strip()
+    assert code == 2 and len(message.splitlines()) == 1
+    assert str(tmp_path / "fold_1" / ("case.npz" if what == "shape" else "case.pkl")) in message
+    assert "differ" in message
+    assert not out.exists()
+
+
+def test_vote_refuses_a_case_missing_from_a_fold(tmp_path):
+    good = softmax(np.random.default_rng(4).normal(size=(3, 2, 2, 2))).astype(np.float32)
+    for case in ("a", "b"):
+        write_fold(tmp_path / "fold_0", case, good)
+    write_fold(tmp_path / "fold_1", "a", good)
+    with pytest.raises(InputError, match="fold_1/b.npz: missing"):
+        vote_folders([tmp_path / "fold_0", tmp_path / "fold_1"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- filter --------------------------------------------------------------------------------------------------------
+
+
+def test_confidence_threshold_ignores_exactly_the_voxels_below_it():
+    rng = np.random.default_rng(5)
+    segmentation = np.zeros((6, 8, 8), dtype=np.uint8)
+    segmentation[1:5, 2:6, 2:6] = 1  # one liver block, one component: post-processing leaves it alone
+    winning = rng.uniform(0.3, 1.0, size=segmentation.shape).astype(np.float32)
+    winning[0, 0, 0] = np.float32(0.9)  # exactly at the threshold: kept
+    filtered, ignored = filter_pseudo_label(segmentation, winning, 0.9, 15)
+    low = winning < np.float32(0.9)
+    assert np.array_equal(filtered == 15, low)
+    assert np.array_equal(filtered[~low], segmentation[~low])
+    assert ignored == {str(k): int(((segmentation == k) & low).sum()) for k in (0, 1)}
+
+
+def test_filter_applies_the_paper_postprocessing_before_the_confidence_step():
+    segmentation = np.zeros((5, 12, 12), dtype=np.uint8)
+    segmentation[1:4, 1:5, 1:5] = 3  # spleen, largest component
+    segmentation[2, 9, 9] = 3  # a stray spleen voxel: removed (largest component per organ)
+    segmentation[2, 9, 1] = 14  # a tumor touching no organ: removed
+    winning = np.ones(segmentation.shape, dtype=np.float32)
+    filtered, ignored = filter_pseudo_label(segmentation, winning, 0.5, 15)
+    assert filtered[2, 9, 9] == 0 and filtered[2, 9, 1] == 0
+    assert (filtered == 3).sum() == 48 and ignored == {}
+
+
+def test_filter_folder_reports_ignored_voxels_per_label(tmp_path, capsys):
+    probabilities = np.zeros((3, 2, 3, 4), dtype=np.float32)
+    probabilities[0] = 0.6
+    probabilities[1] = 0.4
+    probabilities[:, 1, :, :2] = np.array([0.05, 0.95, 0.0])[:, None, None]  # confident label 1 there
+    write_fold(tmp_path / "voted", "c", probabilities)
+    sitk.WriteImage(label_image(probabilities.argmax(0)), str(tmp_path / "voted" / "c.nii.gz"))
+    assert samflare_main(["pseudolabel", "filter", "-i", str(tmp_path / "voted"), "-o", str(tmp_path / "out"),
+                          "--confidence", "0.9", "--no_postprocessing"]) == 0
+    filtered = read(tmp_path / "out" / "c.nii.gz")
+    assert (filtered == 3).sum() == 18 and (filtered == 1).sum() == 6  # ignore label = 3 classes = max label + 1
+    assert read_json(tmp_path / "out" / "c_filter.json")["ignored"] == {"0": 18}
+    assert "ignored voxels per label: 0: 18" in capsys.readouterr().out
+
+
+def test_filter_refuses_probabilities_of_another_shape(tmp_path):
+    write_fold(tmp_path / "voted", "c", np.full((3, 2, 3, 4), 1 / 3, dtype=np.float32))
+    sitk.WriteImage(label_image(np.zeros((2, 3, 5))), str(tmp_path / "voted" / "c.nii.gz"))
+    with pytest.raises(InputError, match=r"c.npz: probabilities of spatial shape \(2, 3, 4\) do not fit"):
+        filter_folder(tmp_path / "voted", tmp_path / "out", confidence=0.9)
+    assert not (tmp_path / "out").exists()
+
+
+# -- bad partial_labels ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("partial_labels", "message"),
+    [({"DCMQI_0001": [1], "GONE_0001": [5]}, "names case 'GONE_0001', which is not in the dataset"),
+     ({"DCMQI_0001": [1], "TSAO_0001": [16]}, "names label 16, which is not a foreground label")],
+)
+def test_merge_refuses_bad_partial_labels_and_writes_nothing(tmp_path, capsys, partial_labels, message):
+    shutil.copytree(dataset("partial") / "labelsTr", tmp_path / "gt")
+    shutil.copytree(dataset("partial") / "labelsTr", tmp_path / "pseudo")
+    data = read_json(dataset("partial") / "dataset.json")
+    data["partial_labels"] = partial_labels
+    (tmp_path / "dataset.json").write_text(__import__("json").dumps(data), encoding="utf-8")
+    code = samflare_main(["pseudolabel", "merge", "--gt", str(tmp_path / "gt"), "--pseudo", str(tmp_path / "pseudo"),
+                          "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(tmp_path / "dataset.json") in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- run plumbing ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_parts", [1, 2, 3, 7])
+def test_parts_hold_every_case_exactly_once_in_nnunet_order(num_parts):
+    from nnunet_samflare.inference.parts import select_part
+
+    cases = [f"case_{i:02d}" for i in range(5)]
+    parts = [select_part(cases, num_parts, part) for part in range(num_parts)]
+    assert sorted(c for part in parts for c in part) == cases
+    assert parts[0] == cases[::num_parts]  # nnU-Net: list_of_lists[part_id::num_parts]
+
+
+def test_state_file_refuses_a_rerun_with_other_settings(tmp_path):
+    from nnunet_samflare.pseudolabel.state import RunState
+
+    state = RunState.open(tmp_path, {"rounds": 3, "device": "cuda"})
+    state.record("prepare", 1.0)
+    again = RunState.open(tmp_path, {"rounds": 3, "device": "cpu"})  # where it runs may change
+    assert again.invocation == 2 and again.done("prepare") and again.steps["prepare"]["invocation"] == 1
+    with pytest.raises(InputError, match=r"other settings \(rounds: 3 -> 2\)"):
+        RunState.peek(tmp_path, {"rounds": 2, "device": "cpu"})
