@@ -144,6 +144,29 @@ def test_vote_averages_streams_and_reports_agreement(tmp_path):
     np.testing.assert_allclose(image.GetOrigin(), GEOMETRY["origin"])
 
 
+def test_vote_equals_nnunet_ensembling(tmp_path):
+    """nnU-Net's own ensembling (``nnUNetv2_ensemble``'s ``merge_files``) loads each fold whole; the streaming vote
+    must give the same label map and averaged probabilities."""
+    from nnunetv2.ensembling.ensemble import merge_files
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    rng = np.random.default_rng(7)
+    files = [write_fold(tmp_path / f"fold_{k}", "case", softmax(rng.normal(size=(5, 6, 7, 8)) * 2))
+             for k in range(3)]
+    vote_case(files, tmp_path / "ours", "case", ".nii.gz")
+    (tmp_path / "nnunet").mkdir()
+    merge_files([str(f) for f in files], str(tmp_path / "nnunet" / "case"), ".nii.gz", SimpleITKIO(),
+                LabelManager({"background": 0, **{f"c{i}": i for i in range(1, 5)}}, None), save_probabilities=True)
+    assert files_equal_arrays(tmp_path / "ours" / "case.nii.gz", tmp_path / "nnunet" / "case.nii.gz")
+    np.testing.assert_array_equal(np.load(tmp_path / "ours" / "case.npz")["probabilities"],
+                                  np.load(tmp_path / "nnunet" / "case.npz")["probabilities"])
+
+
+def files_equal_arrays(a: Path, b: Path) -> bool:
+    return np.array_equal(read(a), read(b))
+
+
 def test_vote_of_one_fold_is_its_argmax_and_equal_probabilities_keep_the_lower_class(tmp_path):
     probabilities = np.zeros((3, 1, 1, 4), dtype=np.float32)
     probabilities[:, 0, 0, 0] = [0.2, 0.4, 0.4]  # tie: the lower class wins, as np.argmax
