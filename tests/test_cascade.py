@@ -289,3 +289,19 @@ def test_batched_tiles_give_the_same_logits(models, ct, gaussian):
     batched = sliding_window_logits(four.segmenter, preprocessed).float()
     torch.testing.assert_close(batched, reference, atol=2e-2, rtol=1e-2)
     assert (batched.argmax(0) == reference.argmax(0)).float().mean() > 0.999
+
+
+def test_fast_changes_only_the_float_rounding(predictor, models, ct):
+    """--fast (the segmenter in channels-last memory format) computes the same function as the default."""
+    from nnunet_samflare.inference.io import read_case
+
+    data, properties = read_case(ct)
+    fast = CascadePredictor(*models, device="cpu", channels_last=True)
+    reference = predictor.predict_case(data, properties)
+    result = fast.predict_case(data, properties)
+    assert result.box == reference.box  # the locator is untouched
+    assert any(  # the convolution weights really are in channels-last layout
+        p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
+        for p in fast.segmenter.network.parameters()
+    )
+    assert (result.segmentation == reference.segmentation).mean() > 0.999

@@ -30,6 +30,9 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
                    help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work")
     s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
     s.add_argument("--tile_batch", type=int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)")
+    s.add_argument("--fast", action="store_true",
+                   help="segmenter in channels-last memory format: the same function, ~2x faster on a CPU, but its "
+                   "float rounding differs from stock nnUNetv2_predict's (labels may differ at a few voxels)")
 
 
 def add_fail_fast_argument(p: argparse.ArgumentParser) -> None:
@@ -41,7 +44,9 @@ def add_fail_fast_argument(p: argparse.ArgumentParser) -> None:
 def predictor_options(args: argparse.Namespace) -> dict:
     """The :func:`nnunet_samflare.inference.api.build_predictor` options of these flags (the defaults for flags a
     command does not offer)."""
-    defaults = {"step_size": 0.5, "tta": False, "disable_tta": False, "gaussian": False, "tile_batch": None}
+    defaults = {
+        "step_size": 0.5, "tta": False, "disable_tta": False, "gaussian": False, "tile_batch": None, "fast": False
+    }
     args = argparse.Namespace(**{**defaults, **vars(args)})
     if args.tta and args.disable_tta:
         raise InputError(None, "--tta and --disable_tta contradict each other")
@@ -63,4 +68,5 @@ def predictor_options(args: argparse.Namespace) -> dict:
         gaussian=args.gaussian,
         margin_mm=args.margin_mm,
         tile_batch=args.tile_batch,
+        channels_last=args.fast,
     )

@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--num_parts", type=int, default=1,
                    help="split the cases into this many parts, as nnUNetv2_predict does (one job per part)")
     o.add_argument("--part_id", type=int, default=0, help="which part this job predicts, 0 .. num_parts - 1")
+    w = p.add_argument_group("overlap of consecutive cases (nnUNetv2_predict's flags; background threads here)")
+    w.add_argument("-npp", dest="npp", type=int, default=0,
+                   help="cases read (and checked) ahead while the models work on the current one (default: 0)")
+    w.add_argument("-nps", dest="nps", type=int, default=0,
+                   help="finished cases written in the background (default: 0)")
     add_reference_arguments(p)
     p.set_defaults(func=_run)
 
@@ -46,6 +51,8 @@ def predict_kwargs(args: argparse.Namespace) -> dict:
         fail_fast=args.fail_fast,
         num_parts=args.num_parts,
         part_id=args.part_id,
+        num_processes_preprocessing=args.npp,
+        num_processes_segmentation_export=args.nps,
         **options,
     )
 

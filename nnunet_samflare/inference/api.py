@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from nnunet_samflare.inference.cascade import (
     model_folder,
 )
 from nnunet_samflare.inference.parts import select_part
+from nnunet_samflare.inference.pipeline import ReadAhead, WriteBehind
 from nnunet_samflare.inference.reference_pipeline import ReferencePipeline
 from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
 from nnunet_samflare.inference.validation import CascadeGrids, validate_case, validate_loaded
@@ -102,6 +103,8 @@ def build_predictor(
     margin_mm: float | None = None,
     postprocess: bool = True,
     tile_batch: int | None = None,
+    fast_layers: bool = False,
+    channels_last: bool = False,
     reference_pipeline: bool = False,
     locator_weights: str | os.PathLike | None = None,
     segmenter_weights: str | os.PathLike | None = None,
@@ -127,6 +130,8 @@ def build_predictor(
         roi_margin_mm=DEFAULT_ROI_MARGIN_MM if margin_mm is None else margin_mm,
         postprocess=postprocess,
         tile_batch_size=tile_batch,
+        fast_layers=fast_layers,
+        channels_last=channels_last,
     )
 
 
@@ -143,6 +148,8 @@ def predict(
     num_parts: int = 1,
     part_id: int = 0,
     fail_fast: bool = False,
+    num_processes_preprocessing: int = 0,
+    num_processes_segmentation_export: int = 0,
     **predictor_options: Any,
 ) -> list[Path] | sitk.Image:
     """Segment abdominal CT with the cascade.
@@ -159,6 +166,9 @@ def predict(
     For a folder, a case that is bad input or runs out of memory is set aside and the others go on; at the end
     :class:`~nnunet_samflare.errors.CaseFailures` lists what failed (``fail_fast``: the first failure is raised
     at once). One case, or an in-memory image, raises its error directly.
+
+    ``num_processes_preprocessing``/``num_processes_segmentation_export`` (``-npp``/``-nps``): cases read ahead
+    and written behind in background threads while the models work (:mod:`nnunet_samflare.inference.pipeline`).
     """
     if isinstance(input, sitk.Image):
         grids = _cascade_grids(predictor, predictor_options)
@@ -216,24 +226,53 @@ def predict(
     from tqdm import tqdm
 
     written: list[Path] = []
+    fail_fast = fail_fast or len(cases) == 1
+    reads = ReadAhead(
+        [case for case, _ in valid],
+        lambda case: read_for_prediction(case, grids, save_probabilities),
+        num_processes_preprocessing,
+        key=lambda case: case.case_id,
+    )
+    writes = WriteBehind(num_processes_segmentation_export, fail_fast=fail_fast)
 
     def one_case(item: tuple[Case, Path]) -> Path:
         case, target = item
-        predict_case_to_files(predictor, case, target, save_probabilities, stats, preview, grids=grids)
-        if not written:
-            _write_model_files(predictor, out_dir)
-        written.append(target)
+
+        def finished() -> None:
+            if not written:
+                _write_model_files(predictor, out_dir)
+            written.append(target)
+
+        predict_case_to_files(
+            predictor, case, target, save_probabilities, stats, preview, grids=grids,
+            loaded=reads.take(case), writer=writes, on_written=finished,
+        )
         return target
 
     # disable=None: a bar only on a terminal, so logs and error messages stay clean when redirected
     with tqdm(valid, desc="samflare predict", unit="case", disable=None if progress else True) as bar:
         try:
-            run_cases(bar, one_case, lambda item: item[0].case_id, fail_fast=fail_fast or len(cases) == 1)
+            run_cases(bar, one_case, lambda item: item[0].case_id, fail_fast=fail_fast)
         except CaseFailures as error:
             failures.update(error.failures)
+        finally:
+            reads.close()
+            failures.update(writes.close())
     if failures:
         raise CaseFailures(failures, len(todo), written)
     return targets
+
+
+def read_for_prediction(
+    case: Case, grids: CascadeGrids | None = None, save_probabilities: bool = False
+) -> tuple[np.ndarray, dict, float]:
+    """``read_case`` and its time in s; with ``grids``, a case whose geometry was not known before reading (a DICOM
+    series) is checked once read, before the models see it."""
+    start = time.perf_counter()
+    data, properties = read_case(case)
+    if case.is_dicom:
+        validate_loaded(data, properties, case.source, grids, save_probabilities)
+    return data, properties, time.perf_counter() - start
 
 
 def predict_case_to_files(
@@ -244,46 +283,54 @@ def predict_case_to_files(
     stats: bool = False,
     preview: bool = False,
     grids: CascadeGrids | None = None,
+    loaded: tuple[np.ndarray, dict, float] | None = None,
+    writer: WriteBehind | None = None,
+    on_written: Callable[[], None] | None = None,
 ) -> CasePrediction:
-    """Read, predict and write one case; the label map is written last. With ``grids``, a case whose geometry
-    was not known before reading (a DICOM series) is checked once read, before the models see it."""
-    start = time.perf_counter()
-    data, properties = read_case(case)
-    if case.is_dicom:
-        validate_loaded(data, properties, case.source, grids, save_probabilities)
-    read_time = time.perf_counter() - start
+    """Read (unless ``loaded`` by :func:`read_for_prediction`), predict and write one case; the label map is
+    written last, then ``on_written`` is called. With a ``writer`` the writing is handed to it."""
+    data, properties, read_time = read_for_prediction(case, grids, save_probabilities) if loaded is None else loaded
     prediction = predictor.predict_case(data, properties, return_probabilities=save_probabilities)
     prediction.timings["read"] = read_time
-    start = time.perf_counter()
-    stem = strip_image_ending(target)
-    if save_probabilities:
-        with atomic_output(target.with_name(stem + ".npz")) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, probabilities=prediction.probabilities)
-        from batchgenerators.utilities.file_and_folder_operations import save_pickle
 
-        with atomic_output(target.with_name(stem + ".pkl")) as tmp:
-            save_pickle(properties, str(tmp))
-    if stats:
-        save_stats_json(
-            organ_stats(prediction.segmentation, data[0], properties["spacing"]),
-            target.with_name(stem + "_stats.json"),
-            case=case.case_id,
-            source=str(case.source),
-            roi_box_zyx=prediction.box,
-            timings_s={k: round(v, 4) for k, v in prediction.timings.items()},
-        )
-    if preview:
-        save_preview_png(
-            data[0],
-            prediction.segmentation,
-            target.with_name(stem + "_preview.png"),
-            properties["spacing"],
-            properties["sitk_stuff"]["direction"],
-            title=case.case_id,
-        )
-    write_seg_atomic(prediction.segmentation, properties, target)
-    prediction.timings["write"] = time.perf_counter() - start
+    def write() -> None:
+        start = time.perf_counter()
+        stem = strip_image_ending(target)
+        if save_probabilities:
+            with atomic_output(target.with_name(stem + ".npz")) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, probabilities=prediction.probabilities)
+            from batchgenerators.utilities.file_and_folder_operations import save_pickle
+
+            with atomic_output(target.with_name(stem + ".pkl")) as tmp:
+                save_pickle(properties, str(tmp))
+        if stats:
+            save_stats_json(
+                organ_stats(prediction.segmentation, data[0], properties["spacing"]),
+                target.with_name(stem + "_stats.json"),
+                case=case.case_id,
+                source=str(case.source),
+                roi_box_zyx=prediction.box,
+                timings_s={k: round(v, 4) for k, v in prediction.timings.items()},
+            )
+        if preview:
+            save_preview_png(
+                data[0],
+                prediction.segmentation,
+                target.with_name(stem + "_preview.png"),
+                properties["spacing"],
+                properties["sitk_stuff"]["direction"],
+                title=case.case_id,
+            )
+        write_seg_atomic(prediction.segmentation, properties, target)
+        prediction.timings["write"] = time.perf_counter() - start
+        if on_written is not None:
+            on_written()
+
+    if writer is None:
+        write()
+    else:
+        writer.submit(case.case_id, write)
     return prediction
 
 

@@ -15,15 +15,20 @@ How a case flows (arrays in SimpleITK (z, y, x) order unless said otherwise):
    and nnU-Net's preprocessing then has nothing left to resample;
 4. segmenter sliding window on the device, argmax on the device (the reference also works on its 1.5×1.5×2 mm
    grid, METHOD §5.6–5.7). Only the uint8 label map leaves the device: no full-resolution probabilities exist
-   unless they are asked for;
+   unless they are asked for, and then nnU-Net's own exporter resamples them (``export_probabilities``);
 5. labels brought to the ROI's original resolution by nearest-neighbour interpolation and pasted into the full
-   image; then the FLARE post-processing (per-organ largest component, isolated-tumour removal).
+   image; then the FLARE post-processing (per-organ largest component, isolated-tumour removal) on the ROI.
+
+Preprocessing (steps 1 and 3, and nnU-Net's normalisation before step 4) is nnU-Net's, computed slab by slab
+and one axis at a time by :mod:`nnunet_samflare.inference.preprocessing`: the same numbers to float32
+rounding, without the float64 copies of the whole scan that make it the slowest and largest step on a CPU.
+Memory therefore grows with the ROI, not with the scan: besides the float32 scan that reading makes (as
+nnU-Net's reader does), the largest arrays are the uint8 label map and the ROI on the segmenter's grid.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import math
 import os
@@ -40,7 +45,9 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_samflare.errors import InputError
+from nnunet_samflare.inference.memory import return_large_buffers_to_the_system
 from nnunet_samflare.inference.postprocessing import postprocess_flare
+from nnunet_samflare.inference.preprocessing import preprocess_image, resample_with_configuration
 from nnunet_samflare.inference.roi import (
     MIN_LOCATOR_COMPONENT_MM3,
     Box,
@@ -102,9 +109,14 @@ def load_predictor(
     use_gaussian: bool,
     use_mirroring: bool,
     tile_batch_size: int = 1,
+    fast_layers: bool = False,
+    channels_last: bool = False,
 ):
-    """An initialised ``nnUNetPredictor`` for one model folder; a clear one-line error if it is not usable."""
+    """An initialised ``nnUNetPredictor`` for one model folder; a clear one-line error if it is not usable.
+    ``fast_layers`` swaps layers with slow kernels for identical faster forms (``networks.fast_paths``);
+    ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format (see :class:`CascadePredictor`)."""
     from nnunet_samflare.inference.tiling import TileBatchingPredictor
+    from nnunet_samflare.networks.fast_paths import use_fast_paths
 
     folder = Path(folder)
     for required in ("plans.json", "dataset.json"):
@@ -132,11 +144,22 @@ def load_predictor(
         )
         predictor.initialize_from_trained_model_folder(str(folder), list(folds), checkpoint_name)
     predictor.tile_batch_size = tile_batch_size
+    if fast_layers:
+        use_fast_paths(predictor.network)
     if len(predictor.list_of_parameters) == 1:
-        # One set of weights: load it once here instead of once per case.
+        # One set of weights: load it once here instead of once per case, and keep no second copy of it.
         predictor.network.load_state_dict(predictor.list_of_parameters[0])
     predictor.network.to(device).eval()
+    if channels_last:
+        predictor.network.to(memory_format=torch.channels_last_3d)
+        predictor.network.register_forward_pre_hook(_to_channels_last)
+    if len(predictor.list_of_parameters) == 1:
+        predictor.list_of_parameters = [predictor.network.state_dict()]
     return predictor
+
+
+def _to_channels_last(module, args):
+    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:])
 
 
 @torch.inference_mode()
@@ -218,7 +241,14 @@ class CascadePredictor:
     Defaults follow METHOD §11.5: no mirroring TTA, tile step 0.5, uniform tile blending, mixed precision on
     CUDA (nnU-Net's). ``use_mirroring`` and ``use_gaussian`` switch on nnU-Net's TTA and Gaussian blending.
     ``tile_batch_size`` segmenter tiles go through the network at once (default: 2 on CUDA, 1 elsewhere, where
-    batching gains nothing and 1 keeps results bit-identical to stock nnUNetv2_predict).
+    batching gains nothing and 1 keeps results bit-identical to stock nnUNetv2_predict). ``fast_layers`` evaluates
+    the segmenter's grouped 1×1×1 convolutions as matrix products (the same function, ``networks.fast_paths``);
+    opt-in: it measured no faster on a CPU and is unmeasured on a GPU (``benchmarks/gpu_check.sh`` compares).
+    ``channels_last`` runs the segmenter in ``torch.channels_last_3d`` memory format: the same function (outputs
+    equal to float rounding), and on a CPU oneDNN's channels-last convolutions plus token reshapes that become
+    views made the segmenter about twice as fast (``BENCHMARKS.md``). It is off by default because its float
+    rounding differs from stock ``nnUNetv2_predict``'s, which would break the bit-identity of the composed path
+    (``samflare locate`` → ``nnUNetv2_predict`` → ``samflare uncrop``); ``samflare predict --fast`` turns it on.
     """
 
     def __init__(
@@ -236,19 +266,25 @@ class CascadePredictor:
         min_component_mm3: float = MIN_LOCATOR_COMPONENT_MM3,
         postprocess: bool = True,
         tile_batch_size: int | None = None,
+        fast_layers: bool = False,
+        channels_last: bool = False,
     ):
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        return_large_buffers_to_the_system()  # before the models: see inference/memory.py
         settings = dict(
             checkpoint_name=checkpoint_name,
             device=self.device,
             tile_step_size=tile_step_size,
             use_gaussian=use_gaussian,
             use_mirroring=use_mirroring,
+            fast_layers=fast_layers,
         )
         if tile_batch_size is None:
             tile_batch_size = 2 if self.device.type == "cuda" else 1
         self.locator = load_predictor(locator_folder, folds, **settings)
-        self.segmenter = load_predictor(segmenter_folder, folds, tile_batch_size=tile_batch_size, **settings)
+        self.segmenter = load_predictor(
+            segmenter_folder, folds, tile_batch_size=tile_batch_size, channels_last=channels_last, **settings
+        )
         self.roi_margin_mm = roi_margin_mm
         self.min_component_mm3 = min_component_mm3
         self.postprocess = postprocess
@@ -260,10 +296,10 @@ class CascadePredictor:
     # -- phase 1 ---------------------------------------------------------------------------------------------
 
     def _preprocess(self, predictor, data: np.ndarray, properties: dict) -> tuple[torch.Tensor, dict]:
-        configuration = predictor.configuration_manager
-        preprocessor = configuration.preprocessor_class(verbose=False)
-        preprocessed, _, properties = preprocessor.run_case_npy(
-            data, None, copy.deepcopy(properties), predictor.plans_manager, configuration, predictor.dataset_json
+        """nnU-Net's preprocessing of ``data`` for ``predictor``'s configuration (slab-wise, see the module
+        docstring) and nnU-Net's properties of the result."""
+        preprocessed, properties = preprocess_image(
+            data, properties, predictor.plans_manager, predictor.configuration_manager, predictor.dataset_json
         )
         return torch.from_numpy(np.ascontiguousarray(preprocessed)), properties
 
@@ -292,10 +328,12 @@ class CascadePredictor:
         configuration = self.segmenter.configuration_manager
         spacing = list(properties["spacing"])
         target = transposed(configuration.spacing, plans_manager.transpose_backward)
-        roi = np.ascontiguousarray(crop_to_roi(data, box))
+        roi = crop_to_roi(data, box)  # a view: resampled slab by slab, never copied whole
         shape = resample_shape(roi.shape[1:], spacing, target)
         if list(roi.shape[1:]) != shape:
-            roi = configuration.resampling_fn_data(roi, shape, spacing, target).astype(np.float32, copy=False)
+            roi = resample_with_configuration(configuration, roi, shape, spacing, target)
+        else:
+            roi = np.ascontiguousarray(roi)
         # World position of the resampled grid: nnU-Net's resize maps new voxel centre j to old continuous index
         # (j + 0.5) * old/new - 0.5, counted from the box corner.
         geometry = properties["sitk_stuff"]
@@ -315,30 +353,57 @@ class CascadePredictor:
         return SegmenterInput(roi, roi_properties)
 
     @torch.inference_mode()
-    def segment(self, roi: SegmenterInput, timings: dict | None = None, return_probabilities: bool = False):
-        """Label map of the resampled ROI (uint8 tensor on the device, (z, y, x) in original axis order), and its
-        class probabilities on the same grid if asked for."""
+    def segment(self, roi: SegmenterInput, timings: dict | None = None, return_logits: bool = False):
+        """Label map of the resampled ROI (uint8 tensor on the device, (z, y, x) in original axis order); with
+        ``return_logits`` also the segmenter's logits on the host (float32, nnU-Net's axis order, cropped to the
+        nonzero box) and nnU-Net's properties of that grid, as :meth:`export_probabilities` takes them."""
         timings = {} if timings is None else timings
         plans_manager = self.segmenter.plans_manager
         with _timed(timings, "preprocess", self.device):
             preprocessed, grid_properties = self._preprocess(self.segmenter, roi.data, roi.properties)
         with _timed(timings, "segmenter", self.device):
             logits = sliding_window_logits(self.segmenter, preprocessed)
-            label_manager = self.segmenter.label_manager
-            labels = label_manager.convert_logits_to_segmentation(logits).to(torch.uint8)
+            labels = self.segmenter.label_manager.convert_logits_to_segmentation(logits).to(torch.uint8)
             # Undo nnU-Net's crop to the nonzero region and its transpose, as its exporter does.
             full = torch.zeros(grid_properties["shape_before_cropping"], dtype=torch.uint8, device=labels.device)
             full[tuple(slice(lo, hi) for lo, hi in grid_properties["bbox_used_for_cropping"])] = labels
             labels = full.permute(*plans_manager.transpose_backward)
-            probabilities = None
-            if return_probabilities:
-                probabilities = label_manager.apply_inference_nonlin(logits)
-                probabilities = label_manager.revert_cropping_on_probabilities(
-                    probabilities.cpu(),
-                    grid_properties["bbox_used_for_cropping"],
-                    grid_properties["shape_before_cropping"],
-                ).permute(0, *[a + 1 for a in plans_manager.transpose_backward])
-        return labels, probabilities
+        if not return_logits:
+            return labels
+        return labels, logits.float().cpu(), grid_properties
+
+    def export_probabilities(
+        self, logits: torch.Tensor, grid_properties: dict, box: Box, full_shape: Sequence[int], spacing: Sequence[float]
+    ) -> np.ndarray:
+        """Full-size class probabilities ``(classes, z, y, x)`` from the segmenter's ROI logits, by nnU-Net's own
+        exporter: ``resampling_fn_probabilities`` to the ROI's original resolution, softmax (or sigmoid for
+        regions), then pasted into the image with background outside. Only its properties are ours: the crop
+        nnU-Net reverts is the ROI box, the image it pastes into the whole scan."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        segmenter = self.segmenter
+        forward = segmenter.plans_manager.transpose_forward
+        label_manager = segmenter.label_manager
+        crop = grid_properties["bbox_used_for_cropping"]
+        if list(logits.shape[1:]) != list(grid_properties["shape_before_cropping"]):
+            # The ROI had zero-valued faces that nnU-Net cropped off: give them back as certain background, which
+            # is what its exporter puts outside any crop, before resampling the whole ROI grid.
+            padded = torch.full((logits.shape[0], *grid_properties["shape_before_cropping"]), -1e4)
+            if not label_manager.has_regions:
+                padded[0] = 0
+            padded[(slice(None), *(slice(lo, hi) for lo, hi in crop))] = logits
+            logits = padded
+        export_properties = {
+            "spacing": list(spacing),
+            "shape_before_cropping": [int(full_shape[axis]) for axis in forward],
+            "bbox_used_for_cropping": [list(box[axis]) for axis in forward],
+            "shape_after_cropping_and_before_resampling": [box[axis][1] - box[axis][0] for axis in forward],
+        }
+        _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, segmenter.plans_manager, segmenter.configuration_manager, label_manager, export_properties,
+            return_probabilities=True,
+        )
+        return np.asarray(probabilities, dtype=np.float32)
 
     # -- whole case ------------------------------------------------------------------------------------------
 
@@ -358,18 +423,18 @@ class CascadePredictor:
             return CasePrediction(segmentation, properties, None, timings, probabilities)
         with _timed(timings, "preprocess", self.device):
             roi = self.segmenter_input(data, properties, box)
-        labels, probabilities = self.segment(roi, timings, return_probabilities)
+        result = self.segment(roi, timings, return_logits=return_probabilities)
+        labels = result[0] if return_probabilities else result
+        del roi
         with _timed(timings, "postprocess", self.device):
             box_shape = [hi - lo for lo, hi in box]
             segmentation = paste_roi(resize_nearest(labels, box_shape).cpu().numpy(), box, full_shape)
             if self.postprocess:
-                segmentation = postprocess_flare(segmentation)
-            if probabilities is not None:
-                full_probabilities = self._background_probabilities(full_shape)  # outside the ROI
-                full_probabilities[(slice(None), *(slice(lo, hi) for lo, hi in box))] = resize_nearest(
-                    probabilities, box_shape
-                ).numpy()
-                probabilities = full_probabilities
+                postprocess_in_box(segmentation, box)
+        probabilities = None
+        if return_probabilities:
+            with _timed(timings, "export_probabilities", self.device):
+                probabilities = self.export_probabilities(result[1], result[2], box, full_shape, properties["spacing"])
         return CasePrediction(segmentation, properties, box, timings, probabilities)
 
     def _background_probabilities(self, shape: Sequence[int]) -> np.ndarray:
@@ -378,6 +443,16 @@ class CascadePredictor:
         if not label_manager.has_regions:
             probabilities[0] = 1
         return probabilities
+
+
+def postprocess_in_box(segmentation: np.ndarray, box: Box) -> np.ndarray:
+    """:func:`postprocess_flare` of a label map that is background outside ``box``, in place, looking only at the
+    box grown by one voxel: everything the post-processing sees lies there (components inside the box, the
+    one-voxel dilation around tumours in the ring), so the result is that of the whole scan, at the ROI's cost."""
+    grown = [[max(lo - 1, 0), min(hi + 1, n)] for (lo, hi), n in zip(box, segmentation.shape)]
+    region = crop_to_roi(segmentation, grown)
+    region[...] = postprocess_flare(region)
+    return segmentation
 
 
 def resize_nearest(array: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
