@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Everything issue 10 asks of a GPU, in one device call of at most 8 minutes (time limits 300 + 50 + 130 s;
+# benchmarks/README.md, "GPU"):
+#   1. cascade, file in -> file out, per 512x512x215 case: time and peak GPU memory of `samflare predict`
+#      (in-process stages and the CLI) beside stock `nnUNetv2_predict --disable_tta` on the same case;
+#      then the in-process run again with the segmenter's fast layers on (their effect on the GPU);
+#   2. segmenter training step, batch 2 x 96^3, AMP, forward + backward + optimizer, in its same-function
+#      variants, beside nnU-Net's default 3d_fullres network of the same dataset; torch.profiler tables and
+#      Chrome traces of the plain and fast segmenter steps.
+# Usage (repository root): bash benchmarks/gpu_check.sh [OUT_DIR]   (default: $OUT, else /tmp/samflare-gpu-check)
+#   GPU_CHECK_TINY=1: the same steps on the CPU with tiny sizes (a rehearsal; numbers meaningless).
+# Every step has its own time limit, writes its log and JSON under OUT_DIR, and a failed step does not stop the
+# next one; the exit status is that of the worst step.
+set -u
+cd "$(dirname "$0")/.." || exit 2
+OUT_DIR=${1:-${OUT:-/tmp/samflare-gpu-check}}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+
+# The device machine has no package index: nnU-Net and its dependencies come as wheels in .whl/ (README).
+if [ -d .whl ] && ! "$PY" -c "import nnunetv2" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} nnUNet_compile=f PYTHONUNBUFFERED=1
+
+WORK=${GPU_CHECK_WORKDIR:-/tmp/samflare-gpu-bench}
+if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
+  DEVICE=cpu
+  CASE_ARGS=(--size 64 64 43 --segmenter-spacing 6 6 6 --segmenter-patch 32 32 32 --locator-patch 64 64 64
+             --locator-fit-steps 10)
+  CASCADE_ARGS=(--repeats 1 --warmup 0)
+  STEP_ARGS=(--segmenter-size 32 32 32 --nnunet-patch 32 32 32 --repeats 1 --warmup 1)
+else
+  DEVICE=cuda
+  CASE_ARGS=()
+  CASCADE_ARGS=(--repeats 3 --warmup 1)
+  STEP_ARGS=(--repeats 8 --warmup 2)
+fi
+
+status=0
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit} s) ==="
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s"
+  tail -n 60 "$OUT_DIR/$name.log"
+  [ $rc -gt $status ] && status=$rc
+  return 0
+}
+
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  uptime
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import torch, nnunetv2; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+            'available', torch.cuda.is_available())"
+  git rev-parse HEAD 2>/dev/null
+} > "$OUT_DIR/environment.txt" 2>&1
+cat "$OUT_DIR/environment.txt"
+
+cd benchmarks || exit 2
+step cascade 300 "$PY" bench_cascade.py --device "$DEVICE" "${CASE_ARGS[@]}" "${CASCADE_ARGS[@]}" \
+  --runs samflare-inprocess samflare-cli nnunet-cli-notta --workdir "$WORK" --reuse --json "$OUT_DIR/cascade.json"
+step cascade_fast_layers 50 "$PY" bench_cascade.py --device "$DEVICE" "${CASE_ARGS[@]}" "${CASCADE_ARGS[@]}" \
+  --runs samflare-inprocess --fast-layers on --workdir "$WORK" --reuse --json "$OUT_DIR/cascade_fast_layers.json"
+PLANS=$(ls "$WORK"/nnUNet_preprocessed/Dataset*/nnUNetPlans.json 2>/dev/null | head -n 1)
+step train_step 130 "$PY" bench_train_step.py --device "$DEVICE" ${PLANS:+--plans "$PLANS"} "${STEP_ARGS[@]}" \
+  --profile-dir "$OUT_DIR/profile" --json "$OUT_DIR/train_step.json"
+echo "outputs in $OUT_DIR; worst exit status $status"
+exit $status
