@@ -276,3 +276,10 @@ def test_locate_validates_every_case_before_loading_the_models(models, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("1 of 2 case(s) failed: b")
     assert sorted(p.name for p in (tmp_path / "roi").glob("*.json")) == ["a.json"]
+
+
+def test_a_scan_thinner_than_half_a_model_voxel_is_refused(models):
+    # found by the property tests: 0.3 mm along z has no voxel on the locator's 8 mm grid
+    with pytest.raises(ValueError, match="too thin for the locator: 0.3 mm along z"):
+        api.predict(scan(shape_zyx=(1, 6, 6), spacing=(4.0, 4.0, 0.3)), locator=models[0], segmenter=models[1],
+                    device="cpu")

@@ -62,6 +62,19 @@ class CascadeGrids:
         loc, seg = describe(predictor.locator), describe(predictor.segmenter)
         return cls(loc[0], seg[0], loc[1], seg[1], loc[2], seg[2], predictor.num_input_channels)
 
+    def check_extent(self, geometry: Geometry, name: str | os.PathLike) -> None:
+        """Refuse a scan thinner than half a voxel of a model's grid on some axis: nnU-Net's resampling would
+        give that axis no voxel at all."""
+        shape, spacing = geometry.shape_zyx, geometry.spacing_zyx
+        for model, target in (("locator", self.locator_spacing_zyx), ("segmenter", self.segmenter_spacing_zyx)):
+            for axis, n, s, t in zip("zyx", shape, spacing, target):
+                if n * s < 0.5 * t:
+                    raise InputError(
+                        name,
+                        f"too thin for the {model}: {n * s:g} mm along {axis} ({n} voxel(s) of {s:g} mm), less than "
+                        f"half a voxel of its {t:g} mm grid",
+                    )
+
     def grids(self, geometry: Geometry, probabilities: bool = False) -> tuple[list[Grid], list[list[Grid]]]:
         """``(resident, stages)`` for :func:`nnunet_samflare.io.check_grids_fit`."""
         shape, spacing, c = geometry.shape_zyx, geometry.spacing_zyx, self.num_input_channels
@@ -138,6 +151,7 @@ def validate_case(
             if other.size != geometry.size:
                 raise InputError(f, f"channel size {other.size} differs from {case.files[0].name} {geometry.size}")
     if grids is not None:
+        grids.check_extent(geometry, label)
         check_grids_fit(*grids.grids(geometry, probabilities), label)
     return geometry
 
@@ -152,4 +166,5 @@ def validate_loaded(
                         tuple(sitk_stuff["origin"]), tuple(sitk_stuff["direction"]))
     check_geometry(geometry, name)
     if grids is not None:
+        grids.check_extent(geometry, name)
         check_grids_fit(*grids.grids(geometry, probabilities), name)
