@@ -31,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nnunet_samflare.errors import InputError
+from nnunet_samflare.io import atomic_output
 from nnunet_samflare.training.names import (
     DEFAULT_PLANS_NAME,
     LOCATOR_CONFIGURATION,
@@ -163,11 +164,8 @@ def export_cascade(
             "configuration": model.configuration,
             "folds": list(model.folds),
         }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # Checkpoints are mostly float weights that deflate poorly; storing them saves minutes on large models.
+    with atomic_output(output) as tmp:
+        # Checkpoints are mostly float weights that deflate poorly: storing them saves minutes on large models.
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
             for model in models:
                 for path in model.files(checkpoint_name):
@@ -176,9 +174,6 @@ def export_cascade(
                     archive.write(path, name, compress_type=compression)
                     manifest["files"][name] = _sha256(path)
             archive.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output
 
 
