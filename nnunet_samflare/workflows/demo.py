@@ -117,7 +117,7 @@ SIZES: dict[str, DemoSize] = {
         segmenter_epochs=1,
         segmenter_iterations=3,
         val_iterations=1,
-        expectation="a smoke test of every step (about 2 minutes on 2 cores); the models are untrained",
+        expectation="a smoke test of every step (about a minute on an idle 2-core CPU); the models are untrained",
     ),
 }
 
