@@ -1,20 +1,29 @@
-"""The trainers' own hooks, in-process on the preprocessed real CT: schedule, resume, ROI sampling, mirroring."""
+"""The trainers' own hooks, in-process on the preprocessed real CT: schedule, resume, ROI sampling, mirroring,
+training-length variants."""
 
 from __future__ import annotations
 
 import copy
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+from nnunet_samflare.training import trainers
 from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler, cosine_lr
-from nnunet_samflare.training.roi_sampling import ForegroundBoxDataset, foreground_box
+from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM, ForegroundBoxDataset, foreground_box
 from nnunet_samflare.training.trainers import (
+    TRAINING_LENGTHS,
     binary_foreground_dataset_json,
+    define_training_length_variants,
     nnUNetTrainer_SAMFlareLocator,
     nnUNetTrainer_SAMFlareSegmenter,
+    training_length_name,
 )
 
 from conftest import DATASET_NAME, PLANS, read_json
@@ -122,3 +131,83 @@ def test_segmenter_samples_from_the_foreground_box(nnunet_env):
                 assert np.all(locations[:, 1:] < np.array(shape)) and np.all(locations >= 0)
                 z, y, x = locations[0, 1:]
                 assert cropped_seg[0, z, y, x] == label
+
+
+def nnunet_training_lengths() -> set[int]:
+    """The lengths of nnU-Net's own ``nnUNetTrainer_<N>epochs`` classes, read from the installed nnU-Net."""
+    from nnunetv2.training.nnUNetTrainer.variants.training_length import nnUNetTrainer_Xepochs
+
+    pattern = re.compile(r"nnUNetTrainer_(\d+)epochs?")
+    return {int(m.group(1)) for name in vars(nnUNetTrainer_Xepochs) if (m := pattern.fullmatch(name))}
+
+
+def test_training_lengths_are_nnunets_and_found_by_stock_lookup():
+    assert set(TRAINING_LENGTHS) == nnunet_training_lengths()
+    names = [
+        training_length_name(base, n)
+        for base in ("nnUNetTrainer_SAMFlareLocator", "nnUNetTrainer_SAMFlareSegmenter")
+        for n in TRAINING_LENGTHS
+    ]
+    assert "nnUNetTrainer_SAMFlareSegmenter_50epochs" in names and "nnUNetTrainer_SAMFlareLocator_1epoch" in names
+    # nnU-Net's own lookup in a fresh interpreter without nnUNet_extTrainer: only the .pth hook makes it work; the
+    # classes must pickle (spawned workers, DDP ranks) and carry their length.
+    code = (
+        "import pickle, sys\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        "for name in sys.argv[1:]:\n"
+        "    cls = find(name)\n"
+        "    assert pickle.loads(pickle.dumps(cls)) is cls\n"
+        "    print('FOUND', name, cls.__module__, cls.training_epochs)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "SAMFLARE_NO_AUTOREGISTER")}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *names], env=env, capture_output=True, encoding="utf-8", timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("FOUND")]
+    expected_epochs = [str(n) for n in TRAINING_LENGTHS] * 2
+    assert found == [[name, "nnunet_samflare.training.trainers", n] for name, n in zip(names, expected_epochs)]
+
+
+def test_variants_for_another_base_class_are_module_level():
+    namespace = {"__name__": "some_plugin_module"}
+
+    class Partial(nnUNetTrainer_SAMFlareSegmenter):
+        pass
+
+    names = define_training_length_variants(Partial, namespace, (5, 1))
+    assert names == ["Partial_5epochs", "Partial_1epoch"]
+    assert namespace["Partial_5epochs"].__module__ == "some_plugin_module"
+    assert namespace["Partial_5epochs"].__qualname__ == "Partial_5epochs"
+    assert issubclass(namespace["Partial_1epoch"], Partial) and namespace["Partial_1epoch"].training_epochs == 1
+    with pytest.raises(TypeError, match="not a SAMFlare trainer"):
+        define_training_length_variants(torch.nn.Module, namespace)
+
+
+def test_variant_lays_the_cosine_over_its_own_length(nnunet_env):
+    plans, dataset_json = nnunet_env
+    trainer = make_trainer(trainers.nnUNetTrainer_SAMFlareLocator_50epochs, "3d_locator", plans, dataset_json)
+    trainer.initialize()
+    assert trainer.num_epochs == 50 and trainer.lr_scheduler.max_steps == 50
+    for epoch in (0, 25, 49, 50):
+        trainer.lr_scheduler.step(epoch)
+        expected = cosine_lr(epoch, 50, trainer.initial_lr, trainer.final_lr)
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.final_lr)
+    # the default length is untouched
+    assert make_trainer(nnUNetTrainer_SAMFlareLocator, "3d_locator", plans, dataset_json).num_epochs == 300
+
+
+def test_online_validation_uses_the_cascade_margin(nnunet_env):
+    plans, dataset_json = nnunet_env
+    trainer = make_trainer(nnUNetTrainer_SAMFlareSegmenter, "3d_segmenter", plans, dataset_json)
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    trainer.dataset_class = infer_dataset_class(trainer.preprocessed_dataset_folder)
+    _, dataset_val = trainer.get_tr_and_val_datasets()
+    _, seg, _, _ = dataset_val._dataset.load_case("TSEX_0001")
+    box = foreground_box(np.asarray(seg[:]))
+    pad = [math.ceil(DEFAULT_ROI_MARGIN_MM / s) for s in trainer.configuration_manager.spacing]
+    expected = [min(size, hi + p) - max(0, lo - p) for (lo, hi), p, size in zip(box, pad, seg.shape[1:])]
+    shapes = {dataset_val.load_case("TSEX_0001")[1].shape[1:] for _ in range(3)}
+    assert shapes == {tuple(expected)}  # the same region every time, not a random one

@@ -65,11 +65,11 @@ from nnunet_samflare.training.names import (  # the configuration names stay imp
     SEGMENTER_TRAINER,
 )
 from nnunet_samflare.training.plans import transposed
+from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM as _DEFAULT_ROI_MARGIN_MM
 
-#: Margin (mm) added around the locator's box on every side. The reference uses none (METHOD §7 #19); a margin
-#: absorbs a locator that stops a little short of an organ's edge, at the cost of a few more segmenter tiles.
-#: The segmenter trainer draws its training margin from 0–20 mm, which brackets this value.
-DEFAULT_ROI_MARGIN_MM = 10.0
+#: Margin (mm) added around the locator's box on every side. Defined in ``training.roi_sampling`` (the segmenter
+#: trains around it and is validated with it) and re-exported here.
+DEFAULT_ROI_MARGIN_MM = _DEFAULT_ROI_MARGIN_MM
 
 DEFAULT_PLANS = DEFAULT_PLANS_NAME
 DEFAULT_LOCATOR_TRAINER = LOCATOR_TRAINER

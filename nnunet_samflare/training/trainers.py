@@ -15,14 +15,19 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler
-from nnunet_samflare.training.roi_sampling import ForegroundBoxDataset
+from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM, TRAINING_ROI_MARGIN_MM, ForegroundBoxDataset
+from nnunet_samflare.training.roi_validation import validate_segmenter_in_roi
 
 __all__ = [
     "nnUNetTrainer_SAMFlareLocator",
     "nnUNetTrainer_SAMFlareSegmenter",
     "nnUNetTrainer_SAMFlareLocatorDebug",
     "nnUNetTrainer_SAMFlareSegmenterDebug",
-]
+]  # + the training-length variants, defined at the end of the module
+
+#: The training lengths nnU-Net offers as ``nnUNetTrainer_<N>epochs`` (nnunetv2/training/nnUNetTrainer/variants/
+#: training_length/nnUNetTrainer_Xepochs.py); each trainer of this plug-in gets the same set.
+TRAINING_LENGTHS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
 
 # nnUNetTrainer's own default device, shared by the signatures below (nnU-Net inspects them).
 _CUDA = torch.device("cuda")
@@ -58,6 +63,10 @@ class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
     ``train_step`` and rarely binds with AdamW.
     """
 
+    #: Epochs of ``num_iterations_per_epoch`` iterations; the training-length variants change only this, and the
+    #: cosine schedule is laid over whatever it is.
+    training_epochs: int = 300
+
     def __init__(
         self,
         plans: dict,
@@ -70,7 +79,7 @@ class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
         self.initial_lr = 3e-4
         self.final_lr = 1e-5
         self.weight_decay = 1e-5
-        self.num_epochs = 300
+        self.num_epochs = self.training_epochs
         # The paper's networks have one output. Deep supervision is on only when the plans ask for the optional
         # extra heads; the network's ``deep_supervision_strides`` then says where its outputs are.
         arch_kwargs = self.configuration_manager.network_arch_init_kwargs
@@ -123,16 +132,36 @@ class nnUNetTrainer_SAMFlareSegmenter(nnUNetTrainer_SAMFlareBase):
 
     #: Random margin (mm) added to each side of the ground-truth foreground box, drawn per side and per draw.
     #: It brackets the cascade's default ROI margin, so training sees boxes like the locator's.
-    roi_margin_mm: tuple[float, float] = (0.0, 20.0)
+    roi_margin_mm: tuple[float, float] = TRAINING_ROI_MARGIN_MM
+    #: Margin (mm) of the region the segmenter is validated in: the cascade's default.
+    validation_roi_margin_mm: float = DEFAULT_ROI_MARGIN_MM
+    #: Whether the final validation also runs the whole cascade when a trained locator exists for the same fold
+    #: (``SAMFLARE_CASCADE_VALIDATION=0/1`` overrides; see ``roi_validation``).
+    cascade_validation: bool = True
+    #: The checkpoint the network was last loaded from (``--val_best`` loads checkpoint_best.pth); the whole-cascade
+    #: validation predicts with the same one.
+    validation_checkpoint_name: str = "checkpoint_final.pth"
 
     def get_tr_and_val_datasets(self):
-        # Patches come from the region the cascade will crop, not from the whole scan (METHOD §11.6).
+        # Patches come from the region the cascade will crop, not from the whole scan (METHOD §11.6). Training
+        # draws a random margin; the online validation (pseudo Dice, hence checkpoint_best) uses the cascade's.
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         spacing = self.configuration_manager.spacing
+        margin = self.validation_roi_margin_mm
         return (
             ForegroundBoxDataset(dataset_tr, spacing, self.roi_margin_mm),
-            ForegroundBoxDataset(dataset_val, spacing, self.roi_margin_mm),
+            ForegroundBoxDataset(dataset_val, spacing, (margin, margin)),
         )
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):
+            self.validation_checkpoint_name = os.path.basename(filename_or_checkpoint)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # nnU-Net validates over whole scans; the cascade never asks that of the segmenter. Validate it in the
+        # cascade's region (summary.json) and, where a locator exists, through the cascade (summary_cascade.json).
+        validate_segmenter_in_roi(self, save_probabilities)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         # Right/left kidney and adrenal gland are different labels: a left-right flip would teach the network
@@ -178,4 +207,43 @@ class nnUNetTrainer_SAMFlareLocatorDebug(_SmokeTestLength, nnUNetTrainer_SAMFlar
 
 
 class nnUNetTrainer_SAMFlareSegmenterDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenter):
-    pass
+    # An untrained locator boxes the whole scan: the cascade pass would cost more than the rest of the run.
+    cascade_validation = False
+
+
+def training_length_name(base_name: str, epochs: int) -> str:
+    """nnU-Net's naming: ``<base>_1epoch``, ``<base>_5epochs``, ..."""
+    return f"{base_name}_{epochs}epoch" if epochs == 1 else f"{base_name}_{epochs}epochs"
+
+
+def define_training_length_variants(
+    base: type, namespace: dict, lengths: tuple[int, ...] = TRAINING_LENGTHS
+) -> list[str]:
+    """Define ``<base>_<N>epochs`` subclasses of ``base`` in a module's ``namespace`` (pass ``globals()``) and
+    return their names, for that module's ``__all__``.
+
+    Each variant changes nothing but ``training_epochs``; the schedule follows. The classes are ordinary
+    module-level classes of the calling module (``__module__``, ``__qualname__``), so they pickle, and nnU-Net's
+    lookup by bare class name finds them through the trainer shim folder once the module's ``__all__`` lists them.
+    """
+    if not isinstance(getattr(base, "training_epochs", None), int):
+        raise TypeError(f"{base.__name__} has no integer training_epochs: it is not a SAMFlare trainer")
+    names = []
+    for epochs in lengths:
+        name = training_length_name(base.__name__, epochs)
+        namespace[name] = type(
+            name,
+            (base,),
+            {
+                "__module__": namespace["__name__"],
+                "__qualname__": name,
+                "__doc__": f"{base.__name__}, {epochs} epoch(s); the cosine schedule spans them.",
+                "training_epochs": epochs,
+            },
+        )
+        names.append(name)
+    return names
+
+
+__all__ += define_training_length_variants(nnUNetTrainer_SAMFlareLocator, globals())
+__all__ += define_training_length_variants(nnUNetTrainer_SAMFlareSegmenter, globals())
