@@ -31,9 +31,10 @@ meta device, the same counter for all three networks) are per forward of one pat
 
 Plans: ``--plans`` is an ``nnUNetPlans.json`` (or the ``nnUNet_preprocessed/DatasetX`` folder holding it; its
 ``dataset.json`` is read from the same folder unless ``--dataset-json``). Without ``--plans`` the script plans
-the raw dataset ``--data`` (default the package's example dataset ``nnunet_samflare/example_data/flare_like``) with stock
-``nnUNetv2_plan_and_preprocess --no_pp`` in a temporary folder (a few seconds; the raw data is linked, not
-copied). ``--samflare-plans`` defaults to ``derive_samflare_plans`` of those same nnU-Net plans.
+the raw dataset ``--data`` (default the package's example dataset
+``nnunet_samflare/example_data/flare_like``) with stock ``nnUNetv2_plan_and_preprocess --no_pp`` in a temporary
+folder (a few seconds; the raw data is linked, not copied). ``--samflare-plans`` defaults to
+``derive_samflare_plans`` of those same nnU-Net plans.
 
 Example (quick smoke run)::
 
