@@ -4,7 +4,7 @@ Two folders at the repository root are installed *inside* the package so that th
 (non-editable) install too:
 
 * ``trainers/`` -> ``nnunet_samflare.nnunet_trainers``: the folder that nnU-Net's external trainer lookup
-  (``nnUNet_extTrainer``) scans. It only re-exports the trainer classes (NNUNET.md §1: modules found there
+  (``nnUNet_extTrainer``) scans. It only re-exports the trainer classes (docs/nnunet.md §1: modules found there
   are purged from ``sys.modules`` afterwards, so real classes must live in the package).
 * ``plans/`` -> ``nnunet_samflare.plans``: JSON templates of the plug-in configurations.
 

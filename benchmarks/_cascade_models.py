@@ -36,7 +36,7 @@ def make_models_worker(config: dict, out_file: Path) -> None:
         ("segmenter", nnUNetTrainer_SAMFlareSegmenter, PLANS, "3d_segmenter"),
     ):
         plans = load_json(str(preprocessed / f"{plans_name}.json"))
-        plans["continue_training"] = False  # nnUNetTrainer.__init__ pops this key (NNUNET.md §6.9)
+        plans["continue_training"] = False  # nnUNetTrainer.__init__ pops this key (docs/nnunet.md §6.9)
         trainer = trainer_class(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
         trainer.initialize()
         # on_train_start -> get_dataloaders sets the mirroring axes that the checkpoint hands to the predictor.

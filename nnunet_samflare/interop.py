@@ -1,4 +1,4 @@
-"""Load the FLARE23 authors' weights into our networks (METHOD.md §11 #2).
+"""Load the FLARE23 authors' weights into our networks (docs/method.md §11 #2).
 
 The authors' tensor names and shapes are listed in ``tests/data/reference_state_dict_keys.tsv``: phase 1 is
 their FasterNet (our :class:`~nnunet_samflare.networks.PConvLocator`), phase 2 their SMT/UNETR model (our

@@ -1,4 +1,4 @@
-"""FLARE23 label ids (METHOD.md §1). Pure Python: shared by training, inference and evaluation."""
+"""FLARE23 label ids (docs/method.md §1). Pure Python: shared by training, inference and evaluation."""
 
 FLARE_LABELS: dict[int, str] = {
     0: "background",

@@ -1,7 +1,7 @@
 """Shared fixtures: the real CT of the example dataset run through the stock nnU-Net workflow once per session.
 
 The session fixtures below do what a user does (README "Workflow"), with the console scripts of this
-interpreter's environment and settings that keep nnU-Net affordable on a 2-core CPU (NNUNET.md §7):
+interpreter's environment and settings that keep nnU-Net affordable on a 2-core CPU (docs/nnunet.md §7):
 one worker process, no DA workers for training, no torch.compile, a 3 mm / 64³ segmenter configuration (the
 real network, smaller patches) and the 1-epoch debug trainers. Subprocesses run **without**
 ``nnUNet_extTrainer`` so that every nnU-Net command also exercises the zero-configuration trainer discovery.
@@ -61,7 +61,7 @@ class NnUNetFolders:
             PYTHONUNBUFFERED="1",
         )
         if training:
-            env["nnUNet_n_proc_DA"] = "0"  # only for training: planning crashes with it (NNUNET.md §10.10)
+            env["nnUNet_n_proc_DA"] = "0"  # only for training: planning crashes with it (docs/nnunet.md §10.10)
         env.update(extra)
         return env
 

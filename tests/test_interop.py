@@ -1,7 +1,7 @@
 """Converter from the authors' state dicts, and forward equivalence with an independent functional reference.
 
 We do not have the authors' code. ``reference_locator`` / ``reference_segmenter`` below re-derive their forward
-pass from METHOD.md §2-§3 alone, consuming their state dict by *their* key names, in a deliberately different
+pass from docs/method.md §2-§3 alone, consuming their state dict by *their* key names, in a deliberately different
 style from our modules: everything stays a (B, C, X, Y, Z) volume (linear layers as einsums, LayerNorm over a
 moved channel axis), attention is an explicit softmax, the SAA shuffle is an explicit index list, nearest
 upsampling is ``repeat_interleave`` and the trilinear (align_corners=True) resize is a product of 1-D
@@ -61,7 +61,7 @@ def random_reference_state_dict(phase: str, seed: int = 0, dtype: torch.dtype = 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# functional reference forward passes (METHOD.md §2 and §3, literally)
+# functional reference forward passes (docs/method.md §2 and §3, literally)
 
 
 def _inorm(t):
@@ -98,7 +98,7 @@ def _trilinear_align_corners(t, size):
 
 
 def reference_locator(sd, x):
-    """Authors' phase-1 FasterNet forward (METHOD.md §2)."""
+    """Authors' phase-1 FasterNet forward (docs/method.md §2)."""
     x_in = x
     x = _inorm(F.conv3d(x, sd["patch_embed.proj.weight"], stride=4))
     stage_outputs = []
@@ -179,7 +179,7 @@ def _unet_res_block(t, sd, p):
 
 
 def reference_segmenter(sd, x, *, interleave=True, block_ln_eps=1e-6):
-    """Authors' phase-2 SMT + UNETR-decoder forward (METHOD.md §3)."""
+    """Authors' phase-2 SMT + UNETR-decoder forward (docs/method.md §3)."""
     t = F.relu(_inorm(F.conv3d(x, sd["patch_embed1.conv.0.weight"], stride=2, padding=1)))
     t = F.conv3d(t, sd["patch_embed1.conv.3.weight"], sd["patch_embed1.conv.3.bias"], padding=1)
     t = _channel_ln(t, sd, "patch_embed1.norm", 1e-5)

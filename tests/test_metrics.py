@@ -1,4 +1,4 @@
-"""Known answers for every rule of the FLARE23 DSC/NSD semantics (METHOD.md §10).
+"""Known answers for every rule of the FLARE23 DSC/NSD semantics (docs/method.md §10).
 
 Arrays are (z, y, x) with the axial (slab) axis first; spacings are given in the same order.
 """
@@ -47,7 +47,7 @@ def as_labels(mask: np.ndarray, label: int) -> np.ndarray:
 
 
 def test_tolerances_are_the_official_ones():
-    # METHOD.md §10, in label order 1..14.
+    # docs/method.md §10, in label order 1..14.
     expected = [5, 3, 3, 5, 2, 2, 2, 2, 2, 3, 5, 7, 3, 2]
     assert [NSD_TOLERANCE_MM[i] for i in range(1, 15)] == expected
 

@@ -43,7 +43,7 @@ def locator() -> PConvLocator:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# parameter counts (METHOD.md §2, §3.10, §4.1)
+# parameter counts (docs/method.md §2, §3.10, §4.1)
 
 
 def test_default_parameter_counts_are_the_papers():
@@ -294,7 +294,7 @@ def test_locator_rejects_bad_shapes(locator, shape, match):
 
 
 def test_saa_channel_shuffle_order_at_block_level():
-    """METHOD.md §3.7 step 4: for C = 6 (3 heads x 2 channels), proj0 sees s-channels [0, 2, 4, 1, 3, 5]."""
+    """docs/method.md §3.7 step 4: for C = 6 (3 heads x 2 channels), proj0 sees s-channels [0, 2, 4, 1, 3, 5]."""
     sam = ScaleAwareModulation(6, num_heads=3, expand_ratio=2).double()
     with torch.no_grad():
         sam.s.weight.copy_(torch.eye(6))
@@ -344,7 +344,7 @@ def test_locator_drop_path_schedule():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# complexity (METHOD.md §4.2, FlopCounterMode column)
+# complexity (docs/method.md §4.2, FlopCounterMode column)
 
 
 def test_macs_reproduce_method_section_4_2():

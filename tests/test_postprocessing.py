@@ -1,4 +1,4 @@
-"""FLARE23 post-processing (METHOD.md §5.6): every rule on hand-built label maps, the real tumor cases, the
+"""FLARE23 post-processing (docs/method.md §5.6): every rule on hand-built label maps, the real tumor cases, the
 nnU-Net postprocessing.pkl route through stock nnUNetv2_apply_postprocessing, and `samflare postprocess`."""
 
 import hashlib
@@ -171,7 +171,7 @@ def test_inputs_unchanged_and_dtype_kept_for_nnunet_float_maps():
 
 
 def _literal_reference(seg):
-    """METHOD.md §5.6 transcribed step by step with scipy, one label and one component at a time (slow, clear)."""
+    """docs/method.md §5.6 transcribed step by step with scipy, one label and one component at a time (slow, clear)."""
     from scipy import ndimage
 
     out = seg.copy()

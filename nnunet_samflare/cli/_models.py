@@ -20,7 +20,7 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
     g.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="default: %(default)s")
     g.add_argument("-device", dest="device", choices=("cuda", "cpu", "mps"),
                    help="default: cuda if available, else mps, else cpu")
-    s = p.add_argument_group("inference settings (defaults follow the paper: METHOD.md §11.5)")
+    s = p.add_argument_group("inference settings (defaults follow the paper: docs/method.md §11.5)")
     s.add_argument("--margin_mm", type=float, help="margin around the located box, mm (default: 10)")
     if not segmenter_settings:
         return

@@ -10,7 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="DSC/NSD per case and label as the official FLARE23 evaluator computes them",
-        description="Score every label map of REF_DIR against the file of the same case in PRED_DIR (METHOD.md "
+        description="Score every label map of REF_DIR against the file of the same case in PRED_DIR (docs/method.md "
         "§10). Partially labelled references (partial_labels in dataset.json) are scored on their annotated "
         "labels only. A missing prediction scores 0, as in FLARE.",
     )

@@ -1,4 +1,4 @@
-"""``samflare postprocess``: the FLARE23 post-processing (METHOD.md §5.6) on label maps that were predicted by
+"""``samflare postprocess``: the FLARE23 post-processing (docs/method.md §5.6) on label maps that were predicted by
 other means (e.g. stock ``nnUNetv2_predict`` on ROI crops, after ``samflare uncrop``)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-case DSC and NSD with the semantics of the official FLARE23 evaluator (METHOD.md §10).
+"""Per-case DSC and NSD with the semantics of the official FLARE23 evaluator (docs/method.md §10).
 
 The rules, in the order the official evaluator applies them to each label id i:
 

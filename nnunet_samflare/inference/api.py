@@ -359,6 +359,7 @@ def _cascade_grids(predictor, predictor_options: dict) -> CascadeGrids | None:
 def _write_model_files(predictor: CascadePredictor | ReferencePipeline, out_dir: Path) -> None:
     if isinstance(predictor, ReferencePipeline):
         return  # no nnU-Net model folder behind it
-    # nnUNetv2_apply_postprocessing and the ensembling tools expect these beside the predictions (NNUNET.md §10.14).
+    # nnUNetv2_apply_postprocessing and the ensembling tools expect these beside the predictions
+    # (docs/nnunet.md §10.14).
     write_json_atomic(predictor.segmenter.dataset_json, out_dir / "dataset.json")
     write_json_atomic(predictor.segmenter.plans_manager.plans, out_dir / "plans.json")

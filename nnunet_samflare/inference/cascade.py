@@ -8,13 +8,13 @@ both paths therefore give identical label maps.
 How a case flows (arrays in SimpleITK (z, y, x) order unless said otherwise):
 
 1. the locator's own nnU-Net preprocessing (coarse grid) and sliding window → binary foreground;
-2. components under 36 cm³ removed (METHOD §5.3, as a physical volume), the box of what remains mapped back to
+2. components under 36 cm³ removed (docs/method.md §5.3, as a physical volume), the box of what remains mapped back to
    the original voxel grid and grown by a margin in mm;
 3. the ROI of the original image is resampled to the segmenter's spacing with the segmenter configuration's own
    resampling function. This is the image ``samflare locate`` writes, so stock nnU-Net sees exactly this array,
    and nnU-Net's preprocessing then has nothing left to resample;
 4. segmenter sliding window on the device, argmax on the device (the reference also works on its 1.5×1.5×2 mm
-   grid, METHOD §5.6–5.7). Only the uint8 label map leaves the device: no full-resolution probabilities exist
+   grid, docs/method.md §5.6–5.7). Only the uint8 label map leaves the device: no full-resolution probabilities exist
    unless they are asked for, and then nnU-Net's own exporter resamples them (``export_probabilities``);
 5. labels brought to the ROI's original resolution by nearest-neighbour interpolation and pasted into the full
    image; then the FLARE post-processing (per-organ largest component, isolated-tumour removal) on the ROI.
@@ -238,7 +238,7 @@ class CasePrediction:
 class CascadePredictor:
     """Locator + segmenter, loaded once, applied to any number of cases.
 
-    Defaults follow METHOD §11.5: no mirroring TTA, tile step 0.5, uniform tile blending, mixed precision on
+    Defaults follow docs/method.md §11.5: no mirroring TTA, tile step 0.5, uniform tile blending, mixed precision on
     CUDA (nnU-Net's). ``use_mirroring`` and ``use_gaussian`` switch on nnU-Net's TTA and Gaussian blending.
     ``tile_batch_size`` segmenter tiles go through the network at once (default: 2 on CUDA, 1 elsewhere, where
     batching gains nothing and 1 keeps results bit-identical to stock nnUNetv2_predict). ``fast_layers`` evaluates

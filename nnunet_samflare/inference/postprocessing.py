@@ -1,4 +1,4 @@
-"""FLARE23 post-processing of the segmenter's label map (METHOD.md §5.6, §8 "tumor filter semantics").
+"""FLARE23 post-processing of the segmenter's label map (docs/method.md §5.6, §7 #20).
 
 1. :func:`keep_largest_component_per_organ` — for every organ label 1..13 on its own, keep only its largest
    26-connected component (MONAI's default full connectivity). Tumor is not size-filtered.
@@ -92,7 +92,7 @@ def keep_largest_component_per_organ(
 
 
 def remove_isolated_tumors(segmentation: np.ndarray, tumor_label: int = TUMOR_LABEL, **kwargs) -> np.ndarray:
-    """Copy of ``segmentation`` without the tumors that touch no other label (METHOD.md §5.6 step 20).
+    """Copy of ``segmentation`` without the tumors that touch no other label (docs/method.md §5.6 step 20).
 
     The tumor mask is dilated once with a 3x3x3 all-ones structure and the dilated mask is split into
     6-connected components. A component whose underlying labels are exactly {0, ``tumor_label``} — no organ

@@ -1,4 +1,4 @@
-"""Region-of-interest helpers of the cascade (METHOD.md §5.3, §5.7): clean the locator's mask, box it, add a
+"""Region-of-interest helpers of the cascade (docs/method.md §5.3, §5.7): clean the locator's mask, box it, add a
 margin in millimetres, crop, and paste the segmenter's ROI result back into the full image.
 
 Boxes follow acvl_utils / nnU-Net: one ``[lo, hi)`` pair (half open, python slicing) per spatial axis, in
@@ -32,7 +32,7 @@ from nnunet_samflare.inference.io import InputError, write_json_atomic
 
 Box = list[list[int]]
 
-# METHOD.md §11.7: the reference drops locator components under 8,000 voxels on its 1.5 x 1.5 x 2 mm grid
+# docs/method.md §11.7: the reference drops locator components under 8,000 voxels on its 1.5 x 1.5 x 2 mm grid
 # (4.5 mm^3 per voxel). Kept as a physical volume so that the rule means the same on any grid.
 MIN_LOCATOR_COMPONENT_MM3 = 36_000.0
 

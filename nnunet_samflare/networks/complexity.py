@@ -1,6 +1,6 @@
-"""Parameter and MAC counts of the two networks (METHOD.md §4, §7 #12).
+"""Parameter and MAC counts of the two networks (docs/method.md §4, §7 #12).
 
-Convention (the same as METHOD.md §4.2's "torch FlopCounterMode" column): MACs are counted by
+Convention (the same as docs/method.md §4.2's "torch FlopCounterMode" column): MACs are counted by
 ``torch.utils.flop_counter.FlopCounterMode`` and halved. It counts convolutions (incl. transposed and
 depthwise), linear layers and matrix products, i.e. also the two attention matmuls ``q @ k^T`` and
 ``attn @ v``. Norms, activations, softmax, interpolation and element-wise additions/products are not counted.
@@ -37,7 +37,7 @@ _PAPER = {
         "parameters": "35.84 M",
         "flops": "374.77 G",
         "note": (
-            "374.77 G is thop MACs at a 128^3 input, not at the stated 96^3 patch (METHOD.md §7 #12); "
+            "374.77 G is thop MACs at a 128^3 input, not at the stated 96^3 patch (docs/method.md §7 #12); "
             "at 96^3 thop gives 158.1 G because it counts norms/activations but misses the attention matmuls"
         ),
     },

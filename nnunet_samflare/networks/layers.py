@@ -1,6 +1,6 @@
 """Small building blocks shared by both networks (pure torch).
 
-Token layout (METHOD.md §3.1): a volume ``(B, C, H, W, D)`` becomes tokens ``(B, N, C)`` with
+Token layout (docs/method.md §3.1): a volume ``(B, C, H, W, D)`` becomes tokens ``(B, N, C)`` with
 ``N = H * W * D`` flattened row-major (H slowest, D fastest). Every reshape between the two goes through
 :func:`to_tokens` / :func:`to_volume` so that the order is defined in exactly one place.
 """

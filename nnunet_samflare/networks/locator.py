@@ -1,6 +1,6 @@
-"""Phase 1: the PConv locator (FasterNet-style encoder + SegFormer-style MLP decoder), METHOD.md §2.
+"""Phase 1: the PConv locator (FasterNet-style encoder + SegFormer-style MLP decoder), docs/method.md §2.
 
-Follows the authors' code where it differs from the paper (METHOD.md §7 #1, #4, #5): every norm is an
+Follows the authors' code where it differs from the paper (docs/method.md §7 #1, #4, #5): every norm is an
 affine-free InstanceNorm, the decoder width is 64 and its per-scale upsampling is nearest-neighbour. The
 authors' unused "dense decoder" (§2.5) is not built.
 """
@@ -127,7 +127,7 @@ class PatchEmbed(nn.Module):
 class PatchMerging(nn.Module):
     """Downsampling between stages: 2x2x2 stride-2 conv (no bias) + affine-free IN.
 
-    The paper says LayerNorm; the authors' code (which produced the results) uses IN (METHOD.md §7 #1).
+    The paper says LayerNorm; the authors' code (which produced the results) uses IN (docs/method.md §7 #1).
 
     Shapes: ``(B, dim, H, W, D)`` -> ``(B, 2*dim, H/2, W/2, D/2)``.
     """
@@ -145,7 +145,7 @@ class PConvEncoder(nn.Module):
     """Stem + PConv stages joined by patch merging.
 
     Each stage output is instance-normalised *for the decoder only*; the un-normalised tensor continues to the
-    next merge (METHOD.md §2.3).
+    next merge (docs/method.md §2.3).
 
     Shapes: ``(B, in_channels, H, W, D)`` -> list of ``(B, embed_dim * 2**i, H/(p*2**i), W/(p*2**i), D/(p*2**i))``.
     """
@@ -183,7 +183,7 @@ class PConvEncoder(nn.Module):
 
 
 class MLPDecoder(nn.Module):
-    """SegFormer-like all-MLP decoder (authors' variant, METHOD.md §2.4 and §7 #4/#5).
+    """SegFormer-like all-MLP decoder (authors' variant, docs/method.md §2.4 and §7 #4/#5).
 
     Per-stage 1x1x1 projections to ``decoder_dim`` (bias), nearest upsampling to the stage-1 grid, channel
     concatenation in stage order, 1x1x1 fusion conv, then the 1x1x1 class head ``seg_layers[0]``. There is no
@@ -217,7 +217,7 @@ class MLPDecoder(nn.Module):
 
 
 class PConvLocator(PaperArchitecture, nn.Module):
-    """Phase-1 ROI locator of the FLARE23 method (METHOD.md §2). Defaults = the paper's network, 1,383,746 params.
+    """Phase-1 ROI locator of the FLARE23 method (docs/method.md §2). Defaults = the paper's network, 1,383,746 params.
 
     Args:
         input_channels: image channels.

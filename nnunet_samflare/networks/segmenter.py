@@ -1,6 +1,6 @@
-"""Phase 2: the hybrid SAM/MSA encoder (adapted from SMT) + UNETR-like decoder, METHOD.md §3.
+"""Phase 2: the hybrid SAM/MSA encoder (adapted from SMT) + UNETR-like decoder, docs/method.md §3.
 
-Follows the authors' code where it differs from the paper (METHOD.md §7 #2, #3, #6-#11): overlapping 3x3x3
+Follows the authors' code where it differs from the paper (docs/method.md §7 #2, #3, #6-#11): overlapping 3x3x3
 downsampling embeddings, the two-conv stem, GELU inside SAA, the extra ``s`` and output projections of SAM,
 a depthwise local enhancement on the attention values, a Mix-FFN, and no raw-input skip in the decoder. The
 authors' unused fourth up-block (``decoder1``) is not built.
@@ -86,7 +86,7 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class ScaleAwareModulation(nn.Module):
-    """Scale-Aware Modulation token mixer (SMT "ca" attention, METHOD.md §3.7).
+    """Scale-Aware Modulation token mixer (SMT "ca" attention, docs/method.md §3.7).
 
     ``s = S(z)`` is split into ``num_heads`` contiguous chunks of ``c = dim / num_heads`` channels; chunk ``j``
     gets a depthwise conv of kernel ``3 + 2j`` (multi-head mixed convolution, MHMC). The head outputs are then
@@ -130,7 +130,7 @@ class ScaleAwareModulation(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """Global multi-head self-attention with a depthwise local enhancement of the values (METHOD.md §3.8).
+    """Global multi-head self-attention with a depthwise local enhancement of the values (docs/method.md §3.8).
 
     ``out = Attn(q, k, v) + DWConv3(v)``, heads merged head-major (channel ``= head * head_dim + d``) in both
     terms, then the output projection. No positional encoding, no spatial reduction.
@@ -164,7 +164,7 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 class MixFFN(nn.Module):
-    """Mix-FFN: ``fc2(GELU(h + DWConv3(h)))`` with ``h = fc1(x)`` (METHOD.md §3.6).
+    """Mix-FFN: ``fc2(GELU(h + DWConv3(h)))`` with ``h = fc1(x)`` (docs/method.md §3.6).
 
     Shapes: tokens ``(B, N, dim)`` on grid ``(H, W, D)`` -> ``(B, N, dim)`` (hidden ``int(dim * mlp_ratio)``).
     """
@@ -209,7 +209,7 @@ class HybridStage(nn.Module):
     """One encoder stage: MetaFormer blocks, then the stage-end LN (eps 1e-6).
 
     Mixer per block: SAM if ``msa_heads == 0``, MSA if ``sam_heads == 0``, else SAM at even and MSA at odd
-    block indices (METHOD.md §3.4).
+    block indices (docs/method.md §3.4).
 
     Shapes: tokens ``(B, N, dim)`` on grid ``(H, W, D)`` -> ``(B, N, dim)``.
     """
@@ -297,7 +297,7 @@ class SAMEncoder(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Residual conv block (MONAI UnetResBlock semantics, METHOD.md §3.9).
+    """Residual conv block (MONAI UnetResBlock semantics, docs/method.md §3.9).
 
     conv3 (no bias) -> IN -> LeakyReLU(0.01) -> conv3 (no bias) -> IN, plus the shortcut (identity, or a
     1x1x1 conv + IN when the width changes), then LeakyReLU(0.01). All INs are affine-free.
@@ -386,7 +386,7 @@ class UNETRDecoder(nn.Module):
 
 
 class SAMHybridUNet(PaperArchitecture, nn.Module):
-    """Phase-2 segmenter of the FLARE23 method (METHOD.md §3). Defaults = the paper's network, 35,844,525 params.
+    """Phase-2 segmenter of the FLARE23 method (docs/method.md §3). Defaults = the paper's network, 35,844,525 params.
 
     Args:
         input_channels: image channels.

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_samflare.errors import InputError
-from nnunet_samflare.io import check_output_folder, remove_stale_temporaries, write_json_atomic
+from nnunet_samflare.io import atomic_output, check_output_folder, remove_stale_temporaries, write_json_atomic
 from nnunet_samflare.pseudolabel import datasets as ds
 from nnunet_samflare.pseudolabel.filtering import check_confidence, filter_case
 from nnunet_samflare.pseudolabel.labelmaps import read_sidecar
@@ -349,9 +349,10 @@ class PseudoLabelRun:
 
     def fold_model(self, r: int, k: int) -> Path:
         """Fold k's segmenter of round r as a model folder of its own (``fold_all`` links to ``fold_k``), so that
-        the cascade can pair it with the fold-``all`` locator."""
+        the cascade can pair it with the fold-``all`` locator. It keeps nnU-Net's folder name
+        (``<trainer>__<plans>__<configuration>``), which tools read the configuration from."""
         source = self.model_dir(r - 1, self.settings.segmenter_trainer, SEGMENTER_CONFIGURATION)
-        view = self.round_dir(r) / "models" / f"segmenter_fold_{k}"
+        view = self.round_dir(r) / "models" / f"fold_{k}" / source.name
         view.mkdir(parents=True, exist_ok=True)
         for name in ("plans.json", "dataset.json"):
             shutil.copyfile(source / name, view / name)
@@ -397,8 +398,6 @@ class PseudoLabelRun:
             lines.append(" && ".join(commands))
         script = self.round_dir(r) / "predict_parts.sh"
         write_json_atomic({"num_parts": n, "commands": lines}, self.round_dir(r) / "predict_parts.json")
-        from nnunet_samflare.io import atomic_output
-
         with atomic_output(script) as tmp:
             tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         missing = [case for k, cases in pools.items() for case in cases if not _predicted(folders[k][1], case,

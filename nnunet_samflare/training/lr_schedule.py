@@ -1,7 +1,7 @@
 """Closed-form cosine learning-rate decay.
 
 nnU-Net calls ``lr_scheduler.step(current_epoch)`` at the start of every epoch and does not checkpoint the
-scheduler (NNUNET.md §6.4), so the learning rate must be a pure function of the epoch: then ``--c`` resumes
+scheduler (docs/nnunet.md §6.4), so the learning rate must be a pure function of the epoch: then ``--c`` resumes
 on the right value. (torch's chained schedulers keep internal state and would restart the decay.)
 """
 

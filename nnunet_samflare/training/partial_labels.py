@@ -1,7 +1,7 @@
 """Training the segmenter on partially labelled scans: a class a case does not annotate is unknown, not background.
 
-FLARE23's 2,200 labelled scans each annotate only some of the 14 labels (METHOD §6.4, §11.8). ``dataset.json`` says
-which, per case::
+FLARE23's 2,200 labelled scans each annotate only some of the 14 labels (docs/method.md §6.4, §11.8).
+``dataset.json`` says which, per case::
 
     "partial_labels": {"DCMQI_0001": [1], "TSAO_0001": ["aorta"], ...}
 

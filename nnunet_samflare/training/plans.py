@@ -1,7 +1,7 @@
 """``samflare plan``: derive the plug-in's plans file from a dataset's nnU-Net plans.
 
 The result is a copy of the source plans (``nnUNetPlans`` or a ResEnc plans file) with ``plans_name`` set to
-the file stem (nnU-Net names result folders after ``plans_name``, NNUNET.md §3) and two extra configurations,
+the file stem (nnU-Net names result folders after ``plans_name``, docs/nnunet.md §3) and two extra configurations,
 ``3d_locator`` and ``3d_segmenter``, taken from ``plans/samflare_configurations.json``. Both inherit from
 ``3d_fullres`` (normalisation, resampling) and get their own ``data_identifier`` so that preprocessing one
 never deletes another's data.
@@ -63,9 +63,9 @@ def _check_patch_size(name: str, configuration: dict) -> None:
 def locator_spacing(source_plans: dict, patch_size_zyx: Sequence[int]) -> list[float]:
     """Coarse whole-scan grid of the locator, in the plans' (transposed) axis order.
 
-    The paper resizes every scan to 128³ (METHOD §2.1). A fixed spacing chosen so that the dataset's median
+    The paper resizes every scan to 128³ (docs/method.md §2.1). A fixed spacing chosen so that the dataset's median
     scan fills about one 128³ patch gives the same view of a typical scan while keeping physical scale
-    constant across cases, and it works with stock ``nnUNetv2_preprocess``/``nnUNetv2_predict`` (NNUNET.md
+    constant across cases, and it works with stock ``nnUNetv2_preprocess``/``nnUNetv2_predict`` (docs/nnunet.md
     §3 option a). Larger scans are covered by nnU-Net's sliding window. The grid is never finer than the
     data's own median spacing: upsampling would add cost and no information.
     """

@@ -1,9 +1,9 @@
 """Training the segmenter on what the cascade will give it: the foreground box plus a margin.
 
-At inference the segmenter only sees the locator's ROI (METHOD §5.4), zero-padded by nnU-Net's sliding window
+At inference the segmenter only sees the locator's ROI (docs/method.md §5.4), zero-padded by nnU-Net's sliding window
 where it is smaller than a patch. The reference trains on the ground-truth label box with no margin
-(METHOD §6.3 step 4, §7 #19); here each training draw adds an independent random margin per side, so the network
-also sees the slightly larger or offset boxes a real locator produces (METHOD §11.6). Validation uses the
+(docs/method.md §6.3 step 4, §7 #19); here each training draw adds an independent random margin per side, so the network
+also sees the slightly larger or offset boxes a real locator produces (docs/method.md §11.6). Validation uses the
 cascade's own margin, :data:`DEFAULT_ROI_MARGIN_MM`, on every side.
 
 Boxes are ``[lo, hi)`` per spatial axis (acvl_utils / nnU-Net convention). Millimetres become voxels by
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
 
-#: Margin (mm) the cascade adds around the locator's box on every side. The reference uses none (METHOD §7 #19);
+#: Margin (mm) the cascade adds around the locator's box on every side. The reference uses none (docs/method.md §7 #19);
 #: a margin absorbs a locator that stops a little short of an organ's edge, at the cost of a few more segmenter
 #: tiles. It lives here, below ``inference``, because the segmenter's training draws its margins around it and
 #: its validation uses it; ``inference.cascade`` re-exports it.

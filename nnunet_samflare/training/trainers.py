@@ -34,7 +34,8 @@ _CUDA = torch.device("cuda")
 
 
 def binary_foreground_dataset_json(dataset_json: dict) -> dict:
-    """The same dataset seen as one region: every label > 0 (tumor included) is foreground (METHOD §6.1, §7 #17).
+    """The same dataset seen as one region: every label > 0 (tumor included) is foreground
+    (docs/method.md §6.1, §7 #17).
 
     Region-based training needs no second dataset and no relabelled files; nnU-Net's loss, sampling, final
     validation and export all understand regions, and the model folder's dataset.json makes stock
@@ -55,7 +56,7 @@ def binary_foreground_dataset_json(dataset_json: dict) -> dict:
 
 
 class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
-    """The training recipe shared by both phases (METHOD §6.1, §11.6).
+    """The training recipe shared by both phases (docs/method.md §6.1, §11.6).
 
     AdamW (lr 3e-4, weight decay 1e-5) with a closed-form cosine decay to 1e-5, 300 epochs of nnU-Net's 250
     iterations (the nearest equivalent of the paper's 300 epochs / the code's 80k iterations), nnU-Net's
@@ -143,7 +144,7 @@ class nnUNetTrainer_SAMFlareSegmenter(nnUNetTrainer_SAMFlareBase):
     validation_checkpoint_name: str = "checkpoint_final.pth"
 
     def get_tr_and_val_datasets(self):
-        # Patches come from the region the cascade will crop, not from the whole scan (METHOD §11.6). Training
+        # Patches come from the region the cascade will crop, not from the whole scan (docs/method.md §11.6). Training
         # draws a random margin; the online validation (pseudo Dice, hence checkpoint_best) uses the cascade's.
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
         spacing = self.configuration_manager.spacing
