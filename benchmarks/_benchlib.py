@@ -38,6 +38,7 @@ NNUNET_ENTRY_POINTS = {
     "plan_and_preprocess_entry",
     "nnUNetv2_preprocess": "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints:preprocess_entry",
     "nnUNetv2_predict": "nnunetv2.inference.predict_from_raw_data:predict_entry_point",
+    "nnUNetv2_train": "nnunetv2.run.run_training:run_training_entry",
 }
 
 

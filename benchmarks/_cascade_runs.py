@@ -27,10 +27,16 @@ RUNS = (
 DEFAULT_RUNS = [r for r in RUNS if r != "nnunet-inprocess-tta"]
 
 
-def sampled_run(name: str, command: list[str], env: dict, workdir: Path, timeout: float | None) -> dict[str, Any]:
-    """Run a command to the end in its own session with ``samflare profile``'s sampler (every 0.1 s): wall time
-    ``time_s``, host memory of its process tree (``MaxRAM_MB``: summed PSS; ``MaxRSS_sum_MB``;
-    ``MaxRSS_process_MB``), GPU memory through NVML or nvidia-smi (``MaxGPU_MB``, ``GPU_baseline_MB``, ...)."""
+def sampled_run(
+    name: str, command: list[str], env: dict, workdir: Path, timeout: float | None, interval: float = 0.1
+) -> dict[str, Any]:
+    """Run a command to the end in its own session with ``samflare profile``'s sampler (every ``interval`` s):
+    wall time ``time_s``, host memory of its process tree (``MaxRAM_MB``: summed PSS; ``MaxRSS_sum_MB``;
+    ``MaxRSS_process_MB``), GPU memory through NVML or nvidia-smi (``MaxGPU_MB``, ``GPU_baseline_MB``, ...).
+
+    Sampling is not free: reading a torch process's ``smaps_rollup`` ten times a second took ~40 % of a core here,
+    which on 2 cores slows a 2-thread network by far more than 20 %. Time with a long ``interval`` (the wall time
+    stays exact: the wait ends when the process does), measure memory with a short one."""
     from nnunet_samflare.evaluation.profile import open_gpu_sampler, run_and_sample
 
     gpu, gpu_note = open_gpu_sampler(env)
@@ -38,7 +44,7 @@ def sampled_run(name: str, command: list[str], env: dict, workdir: Path, timeout
     print(f"[run] {name} ...", flush=True)
     load_before = list(os.getloadavg())
     try:
-        record = run_and_sample(command, env=env, log_file=log, timeout_s=timeout, gpu=gpu)
+        record = run_and_sample(command, env=env, log_file=log, timeout_s=timeout, gpu=gpu, interval=interval)
     finally:
         if gpu is not None:
             gpu.close()
@@ -59,12 +65,14 @@ def sampled_run(name: str, command: list[str], env: dict, workdir: Path, timeout
     return record
 
 
-def run_worker(name: str, kind: str, spec: dict, env: dict, workdir: Path, timeout: float | None) -> dict[str, Any]:
+def run_worker(
+    name: str, kind: str, spec: dict, env: dict, workdir: Path, timeout: float | None, interval: float = 0.1
+) -> dict[str, Any]:
     result_file = workdir / "logs" / f"{name}.result.json"
     result_file.unlink(missing_ok=True)
     shutil.rmtree(spec["output"], ignore_errors=True)
     command = worker_command(kind, spec, result_file)
-    record = sampled_run(name, command, env, workdir, timeout)
+    record = sampled_run(name, command, env, workdir, timeout, interval)
     if record.get("exit_code") == 0 and result_file.is_file():
         record["result"] = json.loads(result_file.read_text(encoding="utf-8"))
     return record
@@ -77,6 +85,18 @@ def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
     env = lib.nnunet_env(workdir, n_proc=threads)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # keep stray CUDA initialisations off the books on CPU runs
+    interval = getattr(args, "sample_interval", 0.1)
+    sam_env = env
+    if getattr(args, "source", None):
+        # The samflare side from another source tree (a baseline checkout), its package and trainer shim first;
+        # the editable install's start-up hook would otherwise add this tree's shim.
+        source = Path(args.source).resolve()
+        sam_env = dict(
+            env,
+            PYTHONPATH=os.pathsep.join([str(source), env.get("PYTHONPATH", "")]),
+            nnUNet_extTrainer=str(source / "trainers"),
+            SAMFLARE_NO_AUTOREGISTER="1",
+        )
     outputs = workdir / "outputs"
     input_file = prepared["input"]
     input_dir = str(Path(input_file).parent)
@@ -105,7 +125,7 @@ def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
                 "repeats": args.repeats,
                 "predictor_options": {"fast_layers": args.fast_layers == "on", "channels_last": args.fast},
             }
-            runs[name] = run_worker(name, "samflare", spec, env, workdir, args.timeout)
+            runs[name] = run_worker(name, "samflare", spec, sam_env, workdir, args.timeout, interval)
         elif name == "samflare-cli":
             shutil.rmtree(out, ignore_errors=True)
             command = lib.samflare_command(
@@ -122,7 +142,7 @@ def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
                 device,
                 *(["--fast"] if args.fast else []),
             )
-            runs[name] = sampled_run(name, command, env, workdir, args.timeout)
+            runs[name] = sampled_run(name, command, sam_env, workdir, args.timeout, interval)
         elif name.startswith("nnunet-cli"):
             shutil.rmtree(out, ignore_errors=True)
             tta_flags = [] if name.endswith("-tta") else ["--disable_tta"]
@@ -132,7 +152,7 @@ def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
                 "-device", device, *tta_flags, *worker_flags,
             )
             # fmt: on
-            runs[name] = sampled_run(name, command, env, workdir, args.timeout)
+            runs[name] = sampled_run(name, command, env, workdir, args.timeout, interval)
         else:
             spec = {
                 "device": device,
@@ -143,5 +163,5 @@ def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
                 "warmup": warmup,
                 "repeats": args.repeats,
             }
-            runs[name] = run_worker(name, "nnunet", spec, env, workdir, args.timeout)
+            runs[name] = run_worker(name, "nnunet", spec, env, workdir, args.timeout, interval)
     return runs

@@ -44,12 +44,27 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _known_options(function, options: dict) -> dict:
+    """``options`` that ``function`` accepts; the others must be off (a baseline tree may not know a new option)."""
+    import inspect
+
+    accepted = inspect.signature(function).parameters
+    unknown = {k: v for k, v in options.items() if k not in accepted and v}
+    if unknown:
+        raise SystemExit(f"this source tree's build_predictor does not take {sorted(unknown)}")
+    return {k: v for k, v in options.items() if k in accepted}
+
+
 def samflare_worker(spec: dict, out_file: Path) -> None:
     import torch
 
     from nnunet_samflare.inference.api import build_predictor, predict_case_to_files
     from nnunet_samflare.inference.cascade import resample_shape
-    from nnunet_samflare.io import find_cases
+
+    try:
+        from nnunet_samflare.io import find_cases
+    except ImportError:  # a baseline tree (bench_cascade.py --source) from before nnunet_samflare.io
+        from nnunet_samflare.inference.io import find_cases
 
     device = torch.device(spec["device"])
     start = time.perf_counter()
@@ -59,7 +74,7 @@ def samflare_worker(spec: dict, out_file: Path) -> None:
         folds=[0],
         device=spec["device"],
         tta=False,
-        **spec.get("predictor_options", {}),
+        **_known_options(build_predictor, spec.get("predictor_options") or {}),
     )
     _sync(device)
     load_s = time.perf_counter() - start

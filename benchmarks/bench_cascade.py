@@ -205,6 +205,8 @@ def report(columns: dict[str, dict], runs: dict, prepared: dict, args) -> str:
         "fold 0, untrained weights."
         + (" samflare with --fast (segmenter in channels-last memory format)." if args.fast else "")
         + (" samflare with the fast layers on." if args.fast_layers == "on" else "")
+        + (f" samflare from the source tree {args.source}." if args.source else "")
+        + f" Memory sampled every {args.sample_interval:g} s."
     )
     nnunet = models["nnunet"]
     expected = expected_nnunet_tiles(case, nnunet)
@@ -254,6 +256,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("auto", "sequential", "default"),
         default="auto",
         help="auto: -npp 0 -nps 0 on CPU, nnU-Net's default pools on CUDA",
+    )
+    p.add_argument(
+        "--source",
+        type=Path,
+        help="run the samflare side from this source tree (e.g. a baseline checkout) instead of this repository",
+    )
+    p.add_argument(
+        "--sample-interval",
+        type=float,
+        default=0.1,
+        help="seconds between memory samples (default 0.1; sampling costs CPU: use e.g. 5 for timings)",
     )
     p.add_argument(
         "--fast",

@@ -6,8 +6,7 @@ weights gives noise whose argmax flips at the smallest change, so the segmenter 
 own labels (``--fit-steps`` AdamW steps on crops, ``_cascade_models.fit_segmenter_worker``): a quickly fitted
 stand-in until a trained model is at hand (``--segmenter DIR`` uses that instead). Both trees then predict the
 case in their own process with their own default settings (``--baseline-src``: a checkout of the reference
-state, e.g. ``git archive <commit> | tar -x -C DIR``; its ``benchmarks/bench_cascade.py`` worker is used, with
-that tree first on ``PYTHONPATH``).
+state, e.g. ``git archive <commit> | tar -x -C DIR``, first on ``PYTHONPATH`` for this tree's measuring worker).
 
 The current tree runs twice, with its defaults and with ``--fast`` (the segmenter in channels-last memory
 format). The table gives, per label, the Dice of each against the baseline and of the baseline and the default
@@ -27,13 +26,7 @@ from pathlib import Path
 import _benchlib as lib
 from _cascade_case import CASE_ID, add_case_arguments, case_workdir, prepare
 from _cascade_runs import run_worker
-
-
-def baseline_worker_command(source: Path, spec: dict, out_file: Path) -> list[str]:
-    """The baseline tree's own samflare worker (its ``bench_cascade.py`` or, after the split, its workers file)."""
-    workers = source / "benchmarks" / "_cascade_workers.py"
-    script = workers if workers.is_file() else source / "benchmarks" / "bench_cascade.py"
-    return [sys.executable, str(script), "--_worker", "samflare", json.dumps(spec), str(out_file)]
+from _cascade_workers import worker_command
 
 
 def per_label_dice(maps: dict[str, Path], truth: Path) -> list[dict]:
@@ -70,6 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--segmenter", type=Path, help="a trained segmenter model folder (default: fit one here)")
     p.add_argument("--fit-steps", type=int, default=150, help="segmenter fit steps (default: %(default)s)")
     p.add_argument("--fit-patch", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"))
+    p.add_argument(
+        "--no-postprocessing",
+        action="store_true",
+        help="compare the raw label maps (the post-processing can turn a one-voxel change of a noisy "
+        "map into a different largest component)",
+    )
     p.add_argument("--tolerance", type=float, default=0.99, help="Dice per label vs the baseline (default: 0.99)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--threads", type=int, help="CPU threads (nnUNet_def_n_proc); default: all cores")
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
         outputs = {}
         runs = (
             ("default", lib.REPO, {}),
-            ("fast", lib.REPO, {"predictor_options": {"channels_last": True}}),
+            ("fast", lib.REPO, {"channels_last": True}),
             ("baseline", args.baseline_src.resolve(), {}),
         )
         for name, source, options in runs:
@@ -128,11 +127,11 @@ def main(argv=None) -> int:
                 "output": str(out),
                 "warmup": 0,
                 "repeats": 1,
-                **options,
+                "predictor_options": {**options, "postprocess": not args.no_postprocessing},
             }
             # Each tree with its own package and trainer shim first; the editable install's start-up hook would
             # otherwise add this tree's shim to the baseline's processes.
-            paths = [str(source), str(source / "benchmarks"), env.get("PYTHONPATH", "")]
+            paths = [str(source), env.get("PYTHONPATH", "")]
             run_env = dict(
                 env,
                 PYTHONPATH=os.pathsep.join(paths),
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
             )
             result_file = workdir / "logs" / f"accuracy-{name}.result.json"
             log = workdir / "logs" / f"accuracy-{name}.log"
-            lib.run_checked(baseline_worker_command(source, spec, result_file), run_env, log=log, timeout=args.timeout)
+            lib.run_checked(worker_command("samflare", spec, result_file), run_env, log=log, timeout=args.timeout)
             outputs[name] = {
                 "file": out / "run0" / f"{CASE_ID}.nii.gz",
                 "result": json.loads(result_file.read_text(encoding="utf-8")),
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
             f"\n\nLowest Dice vs baseline: default {lib.fmt(worst['default'], 4)}, --fast {lib.fmt(worst['fast'], 4)} "
             f"(tolerance {args.tolerance}). ROI boxes: {boxes}. Segmenter: "
             + (fit["result"]["segmenter_weights"] if fit else f"{segmenter}")
-            + "."
+            + (". Raw label maps (no post-processing)." if args.no_postprocessing else ".")
         ) + (f"\n{busy}" if busy else "")
         info = lib.environment_info(args.device)
         print()

@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_case_arguments(p)
     p.add_argument("--slices", type=int, nargs="+", default=[215, 1000], help="scan lengths (default: 215 1000)")
     p.add_argument("--no-nnunet", action="store_true", help="skip nnU-Net's preprocessing runs")
+    p.add_argument(
+        "--segmenter",
+        type=Path,
+        help="segmenter model folder to use instead of the prepared (untrained) one, e.g. the one "
+        "bench_cascade_accuracy.py fitted: the post-processing's memory depends on how fragmented the "
+        "label map is, and an untrained segmenter's noise is its worst case",
+    )
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     p.add_argument("--threads", type=int, help="CPU threads (nnUNet_def_n_proc); default: all cores")
     p.add_argument("--json", type=Path, help="write all numbers here")
@@ -75,7 +82,7 @@ def main(argv=None) -> int:
             # fmt: off
             command = lib.samflare_command(
                 "predict", "-i", scan, "-o", out, "--locator", models["locator"]["folder"],
-                "--segmenter", models["segmenter"]["folder"], "-f", "0", "-device", args.device,
+                "--segmenter", args.segmenter or models["segmenter"]["folder"], "-f", "0", "-device", args.device,
             )
             # fmt: on
             sam = sampled_run(f"samflare-long-{slices}", command, env, workdir, args.timeout)
@@ -115,7 +122,13 @@ def main(argv=None) -> int:
         table += (
             "\n\nPeak RAM: the process tree's summed PSS, sampled every 0.1 s. samflare: the whole CLI run (start-up, "
             "models, one case, fold 0). nnU-Net: reading + 3d_fullres preprocessing only, a lower bound of "
-            "nnUNetv2_predict's peak for the same scan."
+            "nnUNetv2_predict's peak for the same scan. Segmenter: "
+            + (
+                str(args.segmenter)
+                if args.segmenter
+                else "untrained (noisy labels everywhere in the ROI: the post-processing's worst case)"
+            )
+            + "."
         ) + (f"\n{busy}" if busy else "")
         info = lib.environment_info(args.device)
         print()
