@@ -310,3 +310,84 @@ def test_state_file_refuses_a_rerun_with_other_settings(tmp_path):
     assert again.invocation == 2 and again.done("prepare") and again.steps["prepare"]["invocation"] == 1
     with pytest.raises(InputError, match=r"other settings \(rounds: 3 -> 2\)"):
         RunState.peek(tmp_path, {"rounds": 2, "device": "cpu"})
+
+
+# -- run: bad input, refused before anything is written ----------------------------------------------------------
+
+
+def _run_source(root: Path, monkeypatch, partial_labels: dict | None = None) -> dict[str, Path]:
+    """A partially labelled raw dataset (the real partial cases), a stand-in for its plans (the refusals below
+    come before any plan is read, except the output-folder one, which needs only the configuration names) and a
+    folder with one unlabelled scan; nnU-Net's folders point there."""
+    import json
+
+    raw = root / "raw" / "Dataset530_PLSource"
+    for kind in ("imagesTr", "labelsTr"):
+        shutil.copytree(dataset("partial") / kind, raw / kind)
+    data = read_json(dataset("partial") / "dataset.json")
+    if partial_labels is not None:
+        data["partial_labels"] = partial_labels
+    (raw / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
+    plans = root / "preprocessed" / "Dataset530_PLSource" / "samflarePlans.json"
+    plans.parent.mkdir(parents=True)
+    plans.write_text(json.dumps({"configurations": {"3d_locator": {}, "3d_segmenter": {}}}), encoding="utf-8")
+    (root / "results").mkdir()
+    unlabelled = root / "unlabelled"
+    unlabelled.mkdir()
+    shutil.copy(data_file("flare_like", "image", "TSEX_0002"), unlabelled / "UNL_0001_0000.nii.gz")
+    for name in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(root / name))
+    return {"raw": raw, "unlabelled": unlabelled}
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("folds", "--folds must be at least 2, not 1"),
+        ("empty_unlabelled", "empty: no images found"),
+        ("missing_unlabelled", "nowhere: unlabelled-scan folder not found"),
+        ("confidence", "--confidence must be in (0, 1], not 1.5"),
+        ("partial_case", "dataset.json: partial_labels names case 'GONE_0001', which is not in the dataset"),
+        ("partial_label", "dataset.json: partial_labels of 'TSAO_0001' names label 16, which is not a foreground "
+                          "label"),
+        ("2d_unlabelled", "UNL_0002_0000.nii.gz: 2-D image"),
+        ("work_in_unlabelled", "output folder is inside the input folder"),
+    ],
+)
+def test_run_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, case, message):
+    partial_labels = {"partial_case": {"DCMQI_0001": [1], "GONE_0001": [5]},
+                      "partial_label": {"DCMQI_0001": [1], "TSAO_0001": [16]}}.get(case)
+    folders = _run_source(tmp_path / "nnunet", monkeypatch, partial_labels)
+    unlabelled, work = folders["unlabelled"], tmp_path / "work"
+    extra = {"folds": ["--folds", "1"], "confidence": ["--confidence", "1.5"]}.get(case, [])
+    if case == "empty_unlabelled":
+        unlabelled = tmp_path / "empty"
+        unlabelled.mkdir()
+    elif case == "missing_unlabelled":
+        unlabelled = tmp_path / "nowhere"
+    elif case == "2d_unlabelled":
+        sitk.WriteImage(sitk.Image([20, 30], sitk.sitkInt16), str(unlabelled / "UNL_0002_0000.nii.gz"))
+    elif case == "work_in_unlabelled":
+        work = unlabelled / "work"
+    before = _snapshot(tmp_path)
+    code = samflare_main(["pseudolabel", "run", "-d", "Dataset530_PLSource", "--unlabeled", str(unlabelled),
+                          "-o", str(work), "-device", "cpu", *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert _snapshot(tmp_path) == before and not work.exists()
+
+
+def test_run_api_refuses_a_locator_folder_that_is_no_model(tmp_path, monkeypatch):
+    from nnunet_samflare.pseudolabel.run import RunSettings, run_pseudolabel
+
+    folders = _run_source(tmp_path / "nnunet", monkeypatch)
+    before = _snapshot(tmp_path)
+    with pytest.raises(InputError, match="not a trained nnU-Net model folder"):
+        run_pseudolabel(RunSettings(dataset="Dataset530_PLSource", unlabeled=str(folders["unlabelled"]),
+                                    locator=str(tmp_path / "nnunet" / "results"), device="cpu",
+                                    work_dir=str(tmp_path / "work")))
+    assert _snapshot(tmp_path) == before

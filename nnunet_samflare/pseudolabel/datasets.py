@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from nnunet_samflare.errors import InputError
-from nnunet_samflare.io import Case, check_num_channels, find_cases, image_ending, write_json_atomic
+from nnunet_samflare.inference.validation import validate_case
+from nnunet_samflare.io import Case, check_num_channels, find_cases, image_ending, read_header, write_json_atomic
 from nnunet_samflare.training.partial_labels import annotated_labels_per_case, label_ids
 
 #: The key of dataset.json under which a run records what it made (and recognises its own datasets by).
@@ -120,6 +121,11 @@ def load_raw_dataset(dataset: str | int) -> RawDataset:
         for f in (*images[case], labels[case]):
             if not f.is_file():
                 raise InputError(f, f"missing file of training case {case}")
+        # headers only, now: a broken scan or label map would otherwise surface in a round's merge, hours later
+        geometry = validate_case(Case(case, images[case], case, channels=tuple(range(len(images[case])))))
+        label_size = read_header(labels[case]).size
+        if label_size != geometry.size:
+            raise InputError(labels[case], f"label map size {label_size} differs from its image's {geometry.size}")
     annotated = annotated_labels_per_case(dataset_json, str(dataset_json_path), list(labels))
     return RawDataset(name, folder, dataset_json, images, labels, annotated)
 
@@ -138,6 +144,7 @@ def find_unlabelled(
         if case.is_dicom:
             raise InputError(case.source, "DICOM series are not accepted here: convert them with samflare convert")
         check_num_channels(case, num_channels)
+        validate_case(case)
         if image_ending(case.files[0]) != file_ending:
             raise InputError(case.files[0], f"image ending {image_ending(case.files[0])} differs from the dataset's "
                              f"{file_ending}")

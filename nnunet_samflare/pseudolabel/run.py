@@ -223,7 +223,8 @@ class PseudoLabelRun:
 
     def run(self) -> Path:
         """Do (or continue) the run; returns the final dataset's raw folder."""
-        check_output_folder(self.work_dir)
+        inputs = [self.source.folder] + ([Path(self.settings.unlabeled)] if self.settings.unlabeled else [])
+        check_output_folder(self.work_dir, inputs)
         with _exclusive(self.work_dir):
             self.state = RunState.open(self.work_dir, self.identity())
             _log(f"samflare pseudolabel run: {self.work_dir} (invocation {self.state.invocation})")
