@@ -125,3 +125,33 @@ def test_trainer_masks_unannotated_classes_per_case():
     assert mask[0].nonzero().flatten().tolist() == [0, 1]
     assert mask[1].all()
     assert mask[2].nonzero().flatten().tolist() == [0, 14]
+
+
+def test_partial_trainer_has_nnunets_training_lengths_found_by_stock_lookup():
+    """``nnUNetTrainer_SAMFlareSegmenterPartial_<N>epochs`` as for the other trainers: nnU-Net's lengths, found by
+    stock nnU-Net's lookup by name in a fresh interpreter without ``nnUNet_extTrainer``, picklable, with their
+    length and still the partial-label trainer."""
+    import os
+    import subprocess
+    import sys
+
+    from nnunet_samflare.training.trainers import TRAINING_LENGTHS, training_length_name
+
+    names = [training_length_name("nnUNetTrainer_SAMFlareSegmenterPartial", n) for n in TRAINING_LENGTHS]
+    assert "nnUNetTrainer_SAMFlareSegmenterPartial_1epoch" in names
+    code = (
+        "import pickle, sys\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        "from nnunet_samflare.training.partial_labels import nnUNetTrainer_SAMFlareSegmenterPartial as Partial\n"
+        "for name in sys.argv[1:]:\n"
+        "    cls = find(name)\n"
+        "    assert pickle.loads(pickle.dumps(cls)) is cls and issubclass(cls, Partial)\n"
+        "    print('FOUND', name, cls.__module__, cls.training_epochs)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "SAMFLARE_NO_AUTOREGISTER")}
+    result = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, encoding="utf-8",
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("FOUND")]
+    assert found == [[name, "nnunet_samflare.training.partial_labels", str(n)]
+                     for name, n in zip(names, TRAINING_LENGTHS)]

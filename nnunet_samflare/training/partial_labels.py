@@ -30,12 +30,17 @@ from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 from torch import nn
 
 from nnunet_samflare.errors import InputError
-from nnunet_samflare.training.trainers import _CUDA, _SmokeTestLength, nnUNetTrainer_SAMFlareSegmenter
+from nnunet_samflare.training.trainers import (
+    _CUDA,
+    _SmokeTestLength,
+    define_training_length_variants,
+    nnUNetTrainer_SAMFlareSegmenter,
+)
 
 __all__ = [
     "nnUNetTrainer_SAMFlareSegmenterPartial",
     "nnUNetTrainer_SAMFlareSegmenterPartialDebug",
-]
+]  # + the training-length variants, defined at the end of the module
 
 #: Set to 1 to skip nnU-Net's final validation after training (``perform_actual_validation``). Pseudo-label rounds
 #: predict every held-out case themselves, and a fold-``all`` validation re-predicts the whole training set, so
@@ -268,3 +273,8 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
 
 class nnUNetTrainer_SAMFlareSegmenterPartialDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenterPartial):
     pass
+
+
+# nnU-Net's training lengths (``nnUNetTrainer_SAMFlareSegmenterPartial_<N>epochs``), as for the other segmenters;
+# the trainer shim re-exports them from ``__all__`` for nnU-Net's lookup by name.
+__all__ += define_training_length_variants(nnUNetTrainer_SAMFlareSegmenterPartial, globals())
