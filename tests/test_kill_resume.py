@@ -115,7 +115,7 @@ def test_sigkill_mid_training_then_continue(planned_dataset, tmp_path):
     final = torch.load(output / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == EPOCHS
     lrs = final["logging"]["lrs"]
-    assert lrs == pytest.approx([cosine_lr(e, EPOCHS, 3e-4, 1e-5) for e in range(EPOCHS)], rel=1e-9)
+    assert lrs == pytest.approx([cosine_lr(e, EPOCHS, 1e-3, 1e-4) for e in range(EPOCHS)], rel=1e-9)
 
     draws = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
     before = [d for d in draws if d["pid"] == first_pid]

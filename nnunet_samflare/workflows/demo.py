@@ -76,10 +76,6 @@ class DemoSize:
     segmenter_iterations: int
     val_iterations: int
     expectation: str
-    #: Learning rate of both phases, start and end of the cosine, when it differs from the trainers' recipe
-    #: (None: the recipe's 3e-4 decaying to 1e-5).
-    initial_lr: float | None = None
-    final_lr: float | None = None
 
     def plan_arguments(self) -> list[str]:
         return [
@@ -103,12 +99,6 @@ SIZES: dict[str, DemoSize] = {
         segmenter_iterations=25,
         val_iterations=2,
         expectation="about 8 minutes on an idle 2-core CPU (estimated from per-iteration times)",
-        # The recipe's 3e-4, decaying to 1e-5 within a few hundred iterations, learns nothing in that time (the
-        # learning benchmark: no organ after 150 iterations; the liver after 100 at 1e-3, and a learning rate that
-        # does not decay within the run did best). The authors' code's own schedule, 1e-3 decaying to 1e-4
-        # (docs/method.md §6.1, §7 #14), keeps it high.
-        initial_lr=1e-3,
-        final_lr=1e-4,
     ),
     "quick": DemoSize(
         name="quick",
@@ -368,8 +358,6 @@ def train_phase(
     device: str,
     console: _Console,
     names: Mapping[int, str],
-    initial_lr: float | None = None,
-    final_lr: float | None = None,
 ) -> Path:
     """Train one phase on fold ``all`` through nnU-Net's own entry points; return its model folder."""
     import torch
@@ -382,10 +370,6 @@ def train_phase(
     trainer.num_epochs = epochs
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = val_iterations
-    if initial_lr is not None:
-        trainer.initial_lr = initial_lr
-    if final_lr is not None:
-        trainer.final_lr = final_lr
     start = time.perf_counter()
     nnunet_on_epoch_end = trainer.on_epoch_end
 
@@ -451,8 +435,6 @@ def _report_readme(
         "and of the average (the FLARE evaluator would count them as 1.0 when the prediction is empty too).\n"
         if absent else ""
     )
-    lr_text = (f", learning rate {size.initial_lr:g} decaying to {size.final_lr or 1e-5:g} (the recipe: 3e-4 to 1e-5)"
-               if size.initial_lr is not None else "")
     timing_lines = "\n".join(f"  {k:<22} {_duration(v):>8}" for k, v in timings.items())
     return f"""samflare demo report
 ====================
@@ -463,7 +445,7 @@ segmenter, samflare predict, samflare evaluate) on {scope}, on {device}.
 THE MODELS WERE TRAINED AND EVALUATED ON THE SAME SCAN(S). The numbers show that the workflow runs and that the
 networks learn; they say nothing about accuracy on new patients. Training was shortened to fit a CPU: locator
 {size.locator_epochs} epochs x {size.locator_iterations} iterations, segmenter {size.segmenter_epochs} epochs x
-{size.segmenter_iterations} iterations (the full recipe is 300 x 250 per phase){lr_text}, and the segmenter works at
+{size.segmenter_iterations} iterations (the full recipe is 300 x 250 per phase), and the segmenter works at
 {' x '.join(map(_number, size.segmenter_spacing))} mm with {'x'.join(map(str, size.segmenter_patch))} patches
 (the paper: 2.0 x 1.5 x 1.5 mm, 96x96x96). Demo size: {size.name}.
 
@@ -629,14 +611,13 @@ def run_demo(
             ("train segmenter", "phase 2", SEGMENTER_CONFIGURATION, SEGMENTER_TRAINER, size.segmenter_epochs,
              size.segmenter_iterations),
         )
-        lr_note = f", lr {size.initial_lr:g} -> {size.final_lr or 1e-5:g}" if size.initial_lr is not None else ""
         for key, phase, configuration, trainer, epochs, iterations in phases:
-            title = (f"training {phase}: {trainer}, {epochs} epochs x {iterations} iterations{lr_note} "
-                     f"(the full recipe: 300 x 250, lr 3e-4 -> 1e-5)")
+            title = (f"training {phase}: {trainer}, {epochs} epochs x {iterations} iterations "
+                     f"(the full recipe: 300 x 250)")
             with stages.stage(key, title, f"nnUNetv2_train {d} {configuration} all -tr {trainer} -p {PLANS} "
                               f"-device {device}"):
                 train_phase(folders, configuration, trainer, epochs, iterations, size.val_iterations, device,
-                            console, names, size.initial_lr, size.final_lr)
+                            console, names)
 
         from nnunet_samflare.inference.api import predict
 
