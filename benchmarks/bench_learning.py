@@ -11,12 +11,14 @@ except the results folder):
    context) and, separately, on the training slices. One patient either way: unseen slices of a seen patient,
    not unseen patients.
 2. **Plans.** Stock ``nnUNetv2_plan_and_preprocess -c 3d_fullres``, ``samflare plan`` with the preset's segmenter
-   spacing/patch (``--preset cpu``: the CPU plan chosen from the recipe experiments in BENCHMARKS.md;
+   spacing/patch (``--preset cpu``: 3 mm, the scans' own spacing, and 48³, whose step costs 2.1 s against 5.8 s
+   at 64³ on 2 cores, BENCHMARKS.md "Learning";
    ``--preset gpu``: the paper's 2.0/1.5/1.5 mm and 96³), ``nnUNetv2_preprocess`` of both plug-in
    configurations. Not counted in the training budget; timed and reported.
 3. **Training at equal wall-clock.** ``--minutes`` is the budget of the whole run. After preparation, what is
    left minus ``--reserve-minutes`` (prediction and evaluation) is split equally: the cascade (locator
-   ``--locator-share`` of its half, then the segmenter) and plain nnU-Net ``3d_fullres`` with its own plans.
+   ``--locator-share`` of its half but at least ``--locator-min-minutes``, then the segmenter) and plain nnU-Net
+   ``3d_fullres`` with its own plans.
    All three train through stock ``nnUNetv2_train`` with the benchmark-only time-budget trainers of
    ``benchmarks/time_budget/`` (found through ``nnUNet_extTrainer``): the real trainers, stopped at a deadline,
    with their learning-rate schedule laid over the epochs that fit. Epochs are ``--iterations`` training
@@ -63,14 +65,17 @@ TRAINERS = {
     "nnunet": ("3d_fullres", "nnUNetTrainerTimeBudget", "nnUNetPlans"),
 }
 # Settings per preset: segmenter spacing/patch (z, y, x), batch size, minutes, iterations and validation
-# iterations per epoch, reserve for prediction + evaluation. The CPU plan is the one the recipe experiments of
-# BENCHMARKS.md ("Learning") found fastest in wall-clock on 2 cores.
+# iterations per epoch, reserve for prediction + evaluation, the locator's minimum training time. CPU: 3 mm is the
+# example scans' own spacing; a 48³ step costs 2.1 s against 5.8 s at 64³ (BENCHMARKS.md, "Learning"). The
+# locator's minimum: on the CPU, 25 locator iterations (49 s) found no abdomen at inference (the cascade then
+# predicts nothing) where 50 (1.7 min) gave ROI recall 0.99.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(segmenter_spacing=[3.0, 3.0, 3.0], segmenter_patch=[48, 48, 48], batch_size=2, minutes=30.0,
-                iterations=25, val_iterations=4, nnunet_iterations=5, nnunet_val_iterations=2, reserve_minutes=4.0),
+                iterations=25, val_iterations=4, nnunet_iterations=5, nnunet_val_iterations=2, reserve_minutes=4.0,
+                locator_min_minutes=2.0),
     "gpu": dict(segmenter_spacing=[2.0, 1.5, 1.5], segmenter_patch=[96, 96, 96], batch_size=2, minutes=8.0,
                 iterations=50, val_iterations=10, nnunet_iterations=50, nnunet_val_iterations=10,
-                reserve_minutes=1.5),
+                reserve_minutes=1.5, locator_min_minutes=0.5),
 }
 ORGANS = {1: "liver", 2: "right kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "IVC", 7: "right adrenal",
           8: "left adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left kidney",
@@ -342,9 +347,11 @@ def plot_curves(result: dict, path: Path) -> None:
                              (axes[1], "nnunet", 0.0)):
         run = result["training"][role]
         minutes = [p["minutes"] + offset for p in run["curve"]]
+        colours = plt.get_cmap("tab20").colors  # 14 labels: the default cycle of 10 would repeat colours
         for label in present:
             values = [p["pseudo_dice"][label - 1] if label - 1 < len(p["pseudo_dice"]) else None for p in run["curve"]]
-            ax.plot(minutes, [float("nan") if v is None else v for v in values], label=ORGANS[label])
+            ax.plot(minutes, [float("nan") if v is None else v for v in values], label=ORGANS[label],
+                    color=colours[(label - 1) % len(colours)], marker="o", markersize=3)
         title = "cascade segmenter (pseudo Dice in the cascade's region)" if role == "segmenter" else \
             "plain nnU-Net 3d_fullres (pseudo Dice, whole-scan patches)"
         ax.set_title(title, fontsize=10)
@@ -396,7 +403,7 @@ def markdown_report(result: dict) -> str:
     lines.append(lib.markdown_table(["organ", "cascade DSC", "cascade NSD", "nnU-Net DSC", "nnU-Net NSD"], rows))
     if result.get("by_region"):
         lines.append("")
-        for region, values in result["by_region"].items():
+        for region, values in list(result["by_region"].items())[1:]:  # the first is the table above
             rows = [[ORGANS[label], *(values[role].get(label, {}).get(m) for role in ("cascade", "nnunet")
                                       for m in ("DSC", "NSD"))] for label in sorted(values["cascade"])]
             lines.append(f"{region}:")
@@ -465,7 +472,8 @@ def run(args) -> dict[str, Any]:
     print(f"preparation {preparation_s:.0f} s; training {half / 60:.1f} min per pipeline", flush=True)
 
     training = {}
-    training["locator"] = train(args, "locator", half * args.locator_share, env, log)
+    locator_s = min(half / 2, max(half * args.locator_share, args.locator_min_minutes * 60))
+    training["locator"] = train(args, "locator", locator_s, env, log)
     print(f"locator: {training['locator']['iterations']} iterations in {training['locator']['wall_s']} s", flush=True)
     training["segmenter"] = train(args, "segmenter", half - training["locator"]["wall_s"], env, log)
     print(f"segmenter: {training['segmenter']['iterations']} iterations in {training['segmenter']['wall_s']} s",
@@ -509,6 +517,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, help="wall-clock budget of the whole run (cpu 30, gpu 8)")
     p.add_argument("--reserve-minutes", type=float, help="kept for prediction and evaluation (cpu 4, gpu 1.5)")
     p.add_argument("--locator-share", type=float, default=0.15, help="locator's share of the cascade's time")
+    p.add_argument("--locator-min-minutes", type=float, help="the locator trains at least this long, up to half "
+                   "the cascade's time (cpu 2, gpu 0.5)")
     p.add_argument("--segmenter-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--segmenter-patch", type=int, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--batch-size", type=int)
