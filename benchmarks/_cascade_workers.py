@@ -61,10 +61,9 @@ def samflare_worker(spec: dict, out_file: Path) -> None:
     from nnunet_samflare.inference.api import build_predictor, predict_case_to_files
     from nnunet_samflare.inference.cascade import resample_shape
 
-    try:
-        from nnunet_samflare.io import find_cases
-    except ImportError:  # a baseline tree (bench_cascade.py --source) from before nnunet_samflare.io
-        from nnunet_samflare.inference.io import find_cases
+    # inference.io exists in every tree (it re-exports nnunet_samflare.io now); a baseline tree (--source) from
+    # before nnunet_samflare.io would otherwise get this tree's Case class through the editable install's finder.
+    from nnunet_samflare.inference.io import find_cases
 
     device = torch.device(spec["device"])
     start = time.perf_counter()
