@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_samflare.errors import InputError
-from nnunet_samflare.inference.memory import return_large_buffers_to_the_system
+from nnunet_samflare.inference.memory import release_free_memory
 from nnunet_samflare.inference.postprocessing import postprocess_flare
 from nnunet_samflare.inference.preprocessing import preprocess_image, resample_with_configuration
 from nnunet_samflare.inference.roi import (
@@ -270,7 +270,6 @@ class CascadePredictor:
         channels_last: bool = False,
     ):
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        return_large_buffers_to_the_system()  # before the models: see inference/memory.py
         settings = dict(
             checkpoint_name=checkpoint_name,
             device=self.device,
@@ -479,3 +478,4 @@ def _timed(timings: dict[str, float], stage: str, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        release_free_memory()  # the stage's freed buffers, outside its timing: see inference/memory.py
