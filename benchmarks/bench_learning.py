@@ -70,16 +70,47 @@ TRAINERS = {
 # locator's minimum: on the CPU, 25 locator iterations (49 s) found no abdomen at inference (the cascade then
 # predicts nothing) where 50 (1.7 min) gave ROI recall 0.99.
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(segmenter_spacing=[3.0, 3.0, 3.0], segmenter_patch=[48, 48, 48], batch_size=2, minutes=30.0,
-                iterations=25, val_iterations=4, nnunet_iterations=5, nnunet_val_iterations=2, reserve_minutes=4.0,
-                locator_min_minutes=2.0),
-    "gpu": dict(segmenter_spacing=[2.0, 1.5, 1.5], segmenter_patch=[96, 96, 96], batch_size=2, minutes=8.0,
-                iterations=50, val_iterations=10, nnunet_iterations=50, nnunet_val_iterations=10,
-                reserve_minutes=1.5, locator_min_minutes=0.5),
+    "cpu": dict(
+        segmenter_spacing=[3.0, 3.0, 3.0],
+        segmenter_patch=[48, 48, 48],
+        batch_size=2,
+        minutes=30.0,
+        iterations=25,
+        val_iterations=4,
+        nnunet_iterations=5,
+        nnunet_val_iterations=2,
+        reserve_minutes=4.0,
+        locator_min_minutes=2.0,
+    ),
+    "gpu": dict(
+        segmenter_spacing=[2.0, 1.5, 1.5],
+        segmenter_patch=[96, 96, 96],
+        batch_size=2,
+        minutes=8.0,
+        iterations=50,
+        val_iterations=10,
+        nnunet_iterations=50,
+        nnunet_val_iterations=10,
+        reserve_minutes=1.5,
+        locator_min_minutes=0.5,
+    ),
 }
-ORGANS = {1: "liver", 2: "right kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "IVC", 7: "right adrenal",
-          8: "left adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left kidney",
-          14: "tumor"}
+ORGANS = {
+    1: "liver",
+    2: "right kidney",
+    3: "spleen",
+    4: "pancreas",
+    5: "aorta",
+    6: "IVC",
+    7: "right adrenal",
+    8: "left adrenal",
+    9: "gallbladder",
+    10: "esophagus",
+    11: "stomach",
+    12: "duodenum",
+    13: "left kidney",
+    14: "tumor",
+}
 #: Issue 12's targets on the training scans.
 TARGET_DSC = 0.8
 TARGET_DSC_LARGE = 0.9
@@ -111,8 +142,11 @@ def make_raw_dataset(args, raw: Path, dataset: str) -> dict[str, Any]:
         for case in cases:
             shutil.copy(source / "imagesTr" / f"{case}_0000.nii.gz", folder / "imagesTr")
             shutil.copy(source / "labelsTr" / f"{case}.nii.gz", folder / "labelsTr")
-        evaluation = {"inputs": {c: folder / "imagesTr" / f"{c}_0000.nii.gz" for c in cases},
-                      "references": folder / "labelsTr", "regions": ["training scans"]}
+        evaluation = {
+            "inputs": {c: folder / "imagesTr" / f"{c}_0000.nii.gz" for c in cases},
+            "references": folder / "labelsTr",
+            "regions": ["training scans"],
+        }
     else:
         z0, z1 = args.holdout_slab
         image = sitk.ReadImage(str(source / "imagesTr" / "TSEX_0001_0000.nii.gz"))
@@ -129,9 +163,12 @@ def make_raw_dataset(args, raw: Path, dataset: str) -> dict[str, Any]:
         shutil.copy(source / "imagesTr" / "TSEX_0001_0000.nii.gz", whole / "TSEX_0001_0000.nii.gz")
         shutil.copy(source / "labelsTr" / "TSEX_0001.nii.gz", raw.parent / "TSEX_0001_reference.nii.gz")
         # Scored regions of the whole-scan prediction: the held-out slab, and the training slices.
-        evaluation = {"inputs": {"TSEX_0001": whole / "TSEX_0001_0000.nii.gz"},
-                      "references": raw.parent / "TSEX_0001_reference.nii.gz",
-                      "regions": ["held-out slab", "training slices"], "slab": (z0, z1)}
+        evaluation = {
+            "inputs": {"TSEX_0001": whole / "TSEX_0001_0000.nii.gz"},
+            "references": raw.parent / "TSEX_0001_reference.nii.gz",
+            "regions": ["held-out slab", "training slices"],
+            "slab": (z0, z1),
+        }
     dataset_json["numTraining"] = len(cases)
     dataset_json.pop("partial_labels", None)
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
@@ -145,13 +182,32 @@ def prepare(args, workdir: Path, env: dict[str, str], log: Path) -> dict[str, An
     evaluation = make_raw_dataset(args, raw, dataset)
     prep_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # it crashes planning (docs/nnunet.md)
     i = str(args.dataset_id)
-    lib.run_checked(lib.nnunet_command("nnUNetv2_plan_and_preprocess", "-d", i, "-c", "3d_fullres", "-npfp", "1",
-                                       "-np", "1", "--no_pbar"), prep_env, log=log)
-    plan_args = ["plan", "-d", i, "--segmenter_spacing", *map(str, args.segmenter_spacing),
-                 "--segmenter_patch", *map(str, args.segmenter_patch), "--batch_size", str(args.batch_size)]
+    lib.run_checked(
+        lib.nnunet_command(
+            "nnUNetv2_plan_and_preprocess", "-d", i, "-c", "3d_fullres", "-npfp", "1", "-np", "1", "--no_pbar"
+        ),
+        prep_env,
+        log=log,
+    )
+    plan_args = [
+        "plan",
+        "-d",
+        i,
+        "--segmenter_spacing",
+        *map(str, args.segmenter_spacing),
+        "--segmenter_patch",
+        *map(str, args.segmenter_patch),
+        "--batch_size",
+        str(args.batch_size),
+    ]
     lib.run_checked(lib.samflare_command(*plan_args), prep_env, log=log)
-    lib.run_checked(lib.nnunet_command("nnUNetv2_preprocess", "-d", i, "-plans_name", PLANS, "-c", "3d_locator",
-                                       "3d_segmenter", "-np", "1", "1"), prep_env, log=log)
+    lib.run_checked(
+        lib.nnunet_command(
+            "nnUNetv2_preprocess", "-d", i, "-plans_name", PLANS, "-c", "3d_locator", "3d_segmenter", "-np", "1", "1"
+        ),
+        prep_env,
+        log=log,
+    )
     evaluation["dataset"] = dataset
     return evaluation
 
@@ -165,21 +221,44 @@ def train(args, role: str, seconds: float, env: dict[str, str], log: Path) -> di
     """``nnUNetv2_train`` of one time-budget trainer with its training loop ending ``seconds`` after the start."""
     configuration, trainer, plans = TRAINERS[role]
     iterations, val_iterations = (
-        (args.nnunet_iterations, args.nnunet_val_iterations) if role == "nnunet" else
-        (args.iterations, args.val_iterations)
+        (args.nnunet_iterations, args.nnunet_val_iterations)
+        if role == "nnunet"
+        else (args.iterations, args.val_iterations)
     )
     start = time.time()
-    run_env = dict(env, SAMFLARE_BENCH_DEADLINE=str(start + seconds), SAMFLARE_BENCH_ITERATIONS=str(iterations),
-                   SAMFLARE_BENCH_VAL_ITERATIONS=str(val_iterations))
-    command = lib.nnunet_command("nnUNetv2_train", str(args.dataset_id), configuration, "all", "-tr", trainer,
-                                 "-p", plans, "-device", args.device)
+    run_env = dict(
+        env,
+        SAMFLARE_BENCH_DEADLINE=str(start + seconds),
+        SAMFLARE_BENCH_ITERATIONS=str(iterations),
+        SAMFLARE_BENCH_VAL_ITERATIONS=str(val_iterations),
+    )
+    command = lib.nnunet_command(
+        "nnUNetv2_train",
+        str(args.dataset_id),
+        configuration,
+        "all",
+        "-tr",
+        trainer,
+        "-p",
+        plans,
+        "-device",
+        args.device,
+    )
     lib.run_checked(command, run_env, log=log)
     wall = time.time() - start
     folder = Path(env["nnUNet_results"]) / f"Dataset{args.dataset_id:03d}_{DATASET_NAME}"
     fold = folder / f"{trainer}__{plans}__{configuration}" / "fold_all"
     stats = json.loads((fold / "time_budget.json").read_text(encoding="utf-8"))
-    return {"role": role, "trainer": trainer, "configuration": configuration, "budget_s": round(seconds, 1),
-            "wall_s": round(wall, 1), "started": start, **stats, "curve": learning_curve(fold, start)}
+    return {
+        "role": role,
+        "trainer": trainer,
+        "configuration": configuration,
+        "budget_s": round(seconds, 1),
+        "wall_s": round(wall, 1),
+        "started": start,
+        **stats,
+        "curve": learning_curve(fold, start),
+    }
 
 
 def learning_curve(fold: Path, start: float) -> list[dict[str, Any]]:
@@ -193,13 +272,15 @@ def learning_curve(fold: Path, start: float) -> list[dict[str, Any]]:
     curve = []
     for epoch, end in enumerate(ends):
         dice = logged["dice_per_class_or_region"][epoch]
-        curve.append({
-            "epoch": epoch,
-            "minutes": round((end - start) / 60, 2),
-            "train_loss": round(float(logged["train_losses"][epoch]), 4),
-            "lr": float(logged["lrs"][epoch]),
-            "pseudo_dice": [None if math.isnan(float(d)) else round(float(d), 4) for d in dice],
-        })
+        curve.append(
+            {
+                "epoch": epoch,
+                "minutes": round((end - start) / 60, 2),
+                "train_loss": round(float(logged["train_losses"][epoch]), 4),
+                "lr": float(logged["lrs"][epoch]),
+                "pseudo_dice": [None if math.isnan(float(d)) else round(float(d), 4) for d in dice],
+            }
+        )
     return curve
 
 
@@ -212,14 +293,47 @@ def predict(args, role: str, inputs: Path, output: Path, env: dict[str, str], lo
     start = time.time()
     if role == "cascade":
         command = lib.samflare_command(
-            "predict", "-i", inputs, "-o", output, "-d", str(args.dataset_id), "-p", PLANS,
-            "--locator_trainer", TRAINERS["locator"][1], "--segmenter_trainer", TRAINERS["segmenter"][1],
-            "-f", "all", "-device", args.device, "--stats")
+            "predict",
+            "-i",
+            inputs,
+            "-o",
+            output,
+            "-d",
+            str(args.dataset_id),
+            "-p",
+            PLANS,
+            "--locator_trainer",
+            TRAINERS["locator"][1],
+            "--segmenter_trainer",
+            TRAINERS["segmenter"][1],
+            "-f",
+            "all",
+            "-device",
+            args.device,
+            "--stats",
+        )
     else:
         configuration, trainer, plans = TRAINERS["nnunet"]
-        command = lib.nnunet_command("nnUNetv2_predict", "-i", inputs, "-o", output, "-d", str(args.dataset_id),
-                                     "-c", configuration, "-tr", trainer, "-p", plans, "-f", "all",
-                                     "-device", args.device, "--disable_tta")
+        command = lib.nnunet_command(
+            "nnUNetv2_predict",
+            "-i",
+            inputs,
+            "-o",
+            output,
+            "-d",
+            str(args.dataset_id),
+            "-c",
+            configuration,
+            "-tr",
+            trainer,
+            "-p",
+            plans,
+            "-f",
+            "all",
+            "-device",
+            args.device,
+            "--disable_tta",
+        )
         if args.device == "cpu":
             command += ["-npp", "0", "-nps", "0"]  # sequential: the fastest setting on 2 cores
     lib.run_checked(command, env, log=log)
@@ -305,18 +419,35 @@ def check_targets(result: dict) -> list[dict[str, Any]]:
     cascade, nnunet = result["cascade"]["per_organ"], result["nnunet"]["per_organ"]
     for label, values in sorted(cascade.items()):
         target = TARGET_DSC_LARGE if label in LARGE_ORGANS else TARGET_DSC
-        checks.append({"target": f"{ORGANS[label]} DSC >= {target}", "value": values["DSC"],
-                       "met": values["DSC"] >= target, "short_by": round(max(0.0, target - values["DSC"]), 4)})
+        checks.append(
+            {
+                "target": f"{ORGANS[label]} DSC >= {target}",
+                "value": values["DSC"],
+                "met": values["DSC"] >= target,
+                "short_by": round(max(0.0, target - values["DSC"]), 4),
+            }
+        )
     recalls = [v for k, v in result["cascade"]["roi_recall"].items() if not k.endswith(" box") and v is not None]
     worst = min(recalls) if recalls else None
-    checks.append({"target": f"ROI recall >= {TARGET_ROI_RECALL} (worst case)", "value": worst,
-                   "met": worst is not None and worst >= TARGET_ROI_RECALL,
-                   "short_by": None if worst is None else round(max(0.0, TARGET_ROI_RECALL - worst), 5)})
+    checks.append(
+        {
+            "target": f"ROI recall >= {TARGET_ROI_RECALL} (worst case)",
+            "value": worst,
+            "met": worst is not None and worst >= TARGET_ROI_RECALL,
+            "short_by": None if worst is None else round(max(0.0, TARGET_ROI_RECALL - worst), 5),
+        }
+    )
     mean_c = _mean([v["DSC"] for v in cascade.values()])
     mean_n = _mean([nnunet.get(k, {"DSC": 0.0})["DSC"] for k in cascade])
-    checks.append({"target": "cascade mean organ DSC >= plain nnU-Net's (equal wall-clock)",
-                   "value": mean_c, "nnunet": mean_n, "met": mean_c >= mean_n,
-                   "short_by": round(max(0.0, mean_n - mean_c), 4)})
+    checks.append(
+        {
+            "target": "cascade mean organ DSC >= plain nnU-Net's (equal wall-clock)",
+            "value": mean_c,
+            "nnunet": mean_n,
+            "met": mean_c >= mean_n,
+            "short_by": round(max(0.0, mean_n - mean_c), 4),
+        }
+    )
     return checks
 
 
@@ -329,8 +460,15 @@ def curve_table(run: dict, labels: list[int], every: int = 1) -> str:
     for point in run["curve"][::every]:
         dice = point["pseudo_dice"]
         cells = [dice[i] if i < len(dice) else None for i in range(len(labels))]
-        rows.append([point["epoch"], point["minutes"], (point["epoch"] + 1) * run["iterations_per_epoch"],
-                     point["train_loss"], *cells])
+        rows.append(
+            [
+                point["epoch"],
+                point["minutes"],
+                (point["epoch"] + 1) * run["iterations_per_epoch"],
+                point["train_loss"],
+                *cells,
+            ]
+        )
     names = [ORGANS.get(label, str(label)) for label in labels]
     return lib.markdown_table(["epoch", "min", "iterations", "train loss", *names], rows)
 
@@ -343,17 +481,28 @@ def plot_curves(result: dict, path: Path) -> None:
 
     present = sorted(result["cascade"]["per_organ"])
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
-    for ax, role, offset in ((axes[0], "segmenter", result["training"]["locator"]["wall_s"] / 60),
-                             (axes[1], "nnunet", 0.0)):
+    for ax, role, offset in (
+        (axes[0], "segmenter", result["training"]["locator"]["wall_s"] / 60),
+        (axes[1], "nnunet", 0.0),
+    ):
         run = result["training"][role]
         minutes = [p["minutes"] + offset for p in run["curve"]]
         colours = plt.get_cmap("tab20").colors  # 14 labels: the default cycle of 10 would repeat colours
         for label in present:
             values = [p["pseudo_dice"][label - 1] if label - 1 < len(p["pseudo_dice"]) else None for p in run["curve"]]
-            ax.plot(minutes, [float("nan") if v is None else v for v in values], label=ORGANS[label],
-                    color=colours[(label - 1) % len(colours)], marker="o", markersize=3)
-        title = "cascade segmenter (pseudo Dice in the cascade's region)" if role == "segmenter" else \
-            "plain nnU-Net 3d_fullres (pseudo Dice, whole-scan patches)"
+            ax.plot(
+                minutes,
+                [float("nan") if v is None else v for v in values],
+                label=ORGANS[label],
+                color=colours[(label - 1) % len(colours)],
+                marker="o",
+                markersize=3,
+            )
+        title = (
+            "cascade segmenter (pseudo Dice in the cascade's region)"
+            if role == "segmenter"
+            else "plain nnU-Net 3d_fullres (pseudo Dice, whole-scan patches)"
+        )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("minutes since the start of training")
         ax.grid(alpha=0.3)
@@ -365,31 +514,58 @@ def plot_curves(result: dict, path: Path) -> None:
 
 
 def markdown_report(result: dict) -> str:
-    lines = [f"## Learning benchmark — {result['settings']['split']} split, {result['environment']['device']}", "",
-             lib.describe_environment(result["environment"]), "", "Command: `" + result["environment"]["command"]
-             + "`", ""]
+    lines = [
+        f"## Learning benchmark — {result['settings']['split']} split, {result['environment']['device']}",
+        "",
+        lib.describe_environment(result["environment"]),
+        "",
+        "Command: `" + result["environment"]["command"] + "`",
+        "",
+    ]
     s = result["settings"]
-    lines.append(f"Segmenter plan: spacing {s['segmenter_spacing']} mm, patch {s['segmenter_patch']}, batch "
-                 f"{s['batch_size']}; epochs of {s['iterations']} + {s['val_iterations']} validation iterations. "
-                 f"Run budget {s['minutes']} min; preparation took {result['preparation_s'] / 60:.1f} min.")
+    lines.append(
+        f"Segmenter plan: spacing {s['segmenter_spacing']} mm, patch {s['segmenter_patch']}, batch "
+        f"{s['batch_size']}; epochs of {s['iterations']} + {s['val_iterations']} validation iterations. "
+        f"Run budget {s['minutes']} min; preparation took {result['preparation_s'] / 60:.1f} min."
+    )
     lines.append("")
     t = result["training"]
     rows = []
     for role in ("locator", "segmenter", "nnunet"):
         r = t[role]
         patch = "×".join(map(str, r["patch_size"]))
-        rows.append([role, r["trainer"], patch, r["batch_size"], r["budget_s"] / 60, r["wall_s"] / 60, r["epochs"],
-                     r["iterations"], r["iterations_per_second"]])
-    lines.append(lib.markdown_table(["model", "trainer", "patch", "batch", "budget min", "wall min", "epochs",
-                                     "iterations", "train it/s"], rows))
+        rows.append(
+            [
+                role,
+                r["trainer"],
+                patch,
+                r["batch_size"],
+                r["budget_s"] / 60,
+                r["wall_s"] / 60,
+                r["epochs"],
+                r["iterations"],
+                r["iterations_per_second"],
+            ]
+        )
+    lines.append(
+        lib.markdown_table(
+            ["model", "trainer", "patch", "batch", "budget min", "wall min", "epochs", "iterations", "train it/s"], rows
+        )
+    )
     cascade_wall = t["locator"]["wall_s"] + t["segmenter"]["wall_s"]
     lines.append("")
-    lines.append(f"Training wall-clock: cascade {cascade_wall / 60:.1f} min (locator + segmenter), plain nnU-Net "
-                 f"{t['nnunet']['wall_s'] / 60:.1f} min (ratio {t['nnunet']['wall_s'] / cascade_wall:.2f}). "
-                 f"Prediction: cascade {result['cascade']['predict_s']} s, nnU-Net {result['nnunet']['predict_s']} s.")
+    lines.append(
+        f"Training wall-clock: cascade {cascade_wall / 60:.1f} min (locator + segmenter), plain nnU-Net "
+        f"{t['nnunet']['wall_s'] / 60:.1f} min (ratio {t['nnunet']['wall_s'] / cascade_wall:.2f}). "
+        f"Prediction: cascade {result['cascade']['predict_s']} s, nnU-Net {result['nnunet']['predict_s']} s."
+    )
     lines.append("")
-    where = "on the training scans (fitting, not generalisation)" if s["split"] == "example" else \
-        f"on TSEX_0001's held-out slab, slices {s['holdout_slab']} never trained on (unseen slices of a seen patient)"
+    where = (
+        "on the training scans (fitting, not generalisation)"
+        if s["split"] == "example"
+        else f"on TSEX_0001's held-out slab, slices {s['holdout_slab']} never trained on "
+        "(unseen slices of a seen patient)"
+    )
     lines.append(f"Per-organ DSC / NSD {where}:")
     lines.append("")
     rows = []
@@ -398,18 +574,31 @@ def markdown_report(result: dict) -> str:
         c = result["cascade"]["per_organ"].get(label, {})
         n = result["nnunet"]["per_organ"].get(label, {})
         rows.append([ORGANS[label], c.get("DSC"), c.get("NSD"), n.get("DSC"), n.get("NSD")])
-    rows.append(["mean", _mean([r[1] for r in rows]), _mean([r[2] for r in rows]), _mean([r[3] or 0 for r in rows]),
-                 _mean([r[4] or 0 for r in rows])])
+    rows.append(
+        [
+            "mean",
+            _mean([r[1] for r in rows]),
+            _mean([r[2] for r in rows]),
+            _mean([r[3] or 0 for r in rows]),
+            _mean([r[4] or 0 for r in rows]),
+        ]
+    )
     lines.append(lib.markdown_table(["organ", "cascade DSC", "cascade NSD", "nnU-Net DSC", "nnU-Net NSD"], rows))
     if result.get("by_region"):
         lines.append("")
         for region, values in list(result["by_region"].items())[1:]:  # the first is the table above
-            rows = [[ORGANS[label], *(values[role].get(label, {}).get(m) for role in ("cascade", "nnunet")
-                                      for m in ("DSC", "NSD"))] for label in sorted(values["cascade"])]
+            rows = [
+                [
+                    ORGANS[label],
+                    *(values[role].get(label, {}).get(m) for role in ("cascade", "nnunet") for m in ("DSC", "NSD")),
+                ]
+                for label in sorted(values["cascade"])
+            ]
             lines.append(f"{region}:")
             lines.append("")
-            lines.append(lib.markdown_table(["organ", "cascade DSC", "cascade NSD", "nnU-Net DSC", "nnU-Net NSD"],
-                                            rows))
+            lines.append(
+                lib.markdown_table(["organ", "cascade DSC", "cascade NSD", "nnU-Net DSC", "nnU-Net NSD"], rows)
+            )
             lines.append("")
     lines.append("")
     recall = {k: v for k, v in result["cascade"]["roi_recall"].items() if not k.endswith(" box")}
@@ -417,14 +606,18 @@ def markdown_report(result: dict) -> str:
     lines.append("")
     lines.append("Targets:")
     lines.append("")
-    rows = [[c["target"], c["value"], "yes" if c["met"] else "NO", c["short_by"] if not c["met"] else ""]
-            for c in result["targets"]]
+    rows = [
+        [c["target"], c["value"], "yes" if c["met"] else "NO", c["short_by"] if not c["met"] else ""]
+        for c in result["targets"]
+    ]
     lines.append(lib.markdown_table(["target", "measured", "met", "short by"], rows))
     lines.append("")
     present = sorted(result["cascade"]["per_organ"])
     every = max(1, len(t["segmenter"]["curve"]) // 12)
-    lines.append("Segmenter learning curve (pseudo Dice per class in the cascade's region, nnU-Net's online "
-                 "validation; minutes since the segmenter started):")
+    lines.append(
+        "Segmenter learning curve (pseudo Dice per class in the cascade's region, nnU-Net's online "
+        "validation; minutes since the segmenter started):"
+    )
     lines.append("")
     lines.append(curve_table(t["segmenter"], list(range(1, 15)), every))
     lines.append("")
@@ -432,8 +625,10 @@ def markdown_report(result: dict) -> str:
     lines.append("")
     lines.append(curve_table(t["nnunet"], list(range(1, 15)), max(1, len(t["nnunet"]["curve"]) // 12)))
     lines.append("")
-    lines.append(f"Organs present in the references: {[ORGANS[p] for p in present]}. Pseudo Dice is empty (—) "
-                 "for a class absent from an epoch's validation patches.")
+    lines.append(
+        f"Organs present in the references: {[ORGANS[p] for p in present]}. Pseudo Dice is empty (—) "
+        "for a class absent from an epoch's validation patches."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -466,8 +661,10 @@ def run(args) -> dict[str, Any]:
     preparation_s = time.time() - run_start
     left = args.minutes * 60 - preparation_s - args.reserve_minutes * 60
     if left < 60:
-        raise SystemExit(f"--minutes {args.minutes} leaves {left:.0f} s for training after preparation "
-                         f"({preparation_s:.0f} s) and the reserve ({args.reserve_minutes} min)")
+        raise SystemExit(
+            f"--minutes {args.minutes} leaves {left:.0f} s for training after preparation "
+            f"({preparation_s:.0f} s) and the reserve ({args.reserve_minutes} min)"
+        )
     half = left / 2
     print(f"preparation {preparation_s:.0f} s; training {half / 60:.1f} min per pipeline", flush=True)
 
@@ -476,8 +673,10 @@ def run(args) -> dict[str, Any]:
     training["locator"] = train(args, "locator", locator_s, env, log)
     print(f"locator: {training['locator']['iterations']} iterations in {training['locator']['wall_s']} s", flush=True)
     training["segmenter"] = train(args, "segmenter", half - training["locator"]["wall_s"], env, log)
-    print(f"segmenter: {training['segmenter']['iterations']} iterations in {training['segmenter']['wall_s']} s",
-          flush=True)
+    print(
+        f"segmenter: {training['segmenter']['iterations']} iterations in {training['segmenter']['wall_s']} s",
+        flush=True,
+    )
     cascade_wall = training["locator"]["wall_s"] + training["segmenter"]["wall_s"]
     # nnU-Net's deadline bounds its training loop; its start-up before and checkpointing after are of the same kind
     # as the segmenter's, so subtract the segmenter's overshoot beyond its own deadline to end at equal wall time.
@@ -489,16 +688,23 @@ def run(args) -> dict[str, Any]:
     inputs.mkdir()
     for case, path in evaluation["inputs"].items():
         (inputs / f"{case}_0000.nii.gz").symlink_to(path)
-    result: dict[str, Any] = {"environment": lib.environment_info(args.device), "settings": {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "preparation_s": round(preparation_s, 1), "training": training}
+    result: dict[str, Any] = {
+        "environment": lib.environment_info(args.device),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "preparation_s": round(preparation_s, 1),
+        "training": training,
+    }
     for role in ("cascade", "nnunet"):
         out = workdir / f"pred_{role}"
         seconds = predict(args, role, inputs, out, predict_env, log)
         metrics = evaluate(evaluation, out, workdir / f"eval_{role}", env, log)
         headline = metrics[evaluation["regions"][0]]
-        result[role] = {"predict_s": seconds, "scored_on": evaluation["regions"][0],
-                        "per_organ": per_organ(headline), "metrics": headline["summary"]}
+        result[role] = {
+            "predict_s": seconds,
+            "scored_on": evaluation["regions"][0],
+            "per_organ": per_organ(headline),
+            "metrics": headline["summary"],
+        }
         if role == "cascade":
             result[role]["roi_recall"] = roi_recall(evaluation, out)
         if len(metrics) > 1:
@@ -517,27 +723,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, help="wall-clock budget of the whole run (cpu 30, gpu 8)")
     p.add_argument("--reserve-minutes", type=float, help="kept for prediction and evaluation (cpu 4, gpu 1.5)")
     p.add_argument("--locator-share", type=float, default=0.15, help="locator's share of the cascade's time")
-    p.add_argument("--locator-min-minutes", type=float, help="the locator trains at least this long, up to half "
-                   "the cascade's time (cpu 2, gpu 0.5)")
+    p.add_argument(
+        "--locator-min-minutes",
+        type=float,
+        help="the locator trains at least this long, up to half the cascade's time (cpu 2, gpu 0.5)",
+    )
     p.add_argument("--segmenter-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--segmenter-patch", type=int, nargs=3, metavar=("Z", "Y", "X"))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--iterations", type=int, help="training iterations per epoch (cpu 25, gpu 50)")
     p.add_argument("--val-iterations", type=int, help="validation iterations per epoch (cpu 4, gpu 10)")
-    p.add_argument("--nnunet-iterations", type=int, help="the same for plain nnU-Net, whose iterations cost ~10x "
-                   "more on a CPU (cpu 5, gpu 50)")
+    p.add_argument(
+        "--nnunet-iterations",
+        type=int,
+        help="the same for plain nnU-Net, whose iterations cost ~10x more on a CPU (cpu 5, gpu 50)",
+    )
     p.add_argument("--nnunet-val-iterations", type=int, help="(cpu 2, gpu 10)")
     p.add_argument("--split", choices=("example", "holdout"), default="example")
-    p.add_argument("--holdout-slab", type=int, nargs=2, default=[86, 94], metavar=("Z0", "Z1"),
-                   help="TSEX_0001 slices [Z0, Z1) never trained on (default: %(default)s, 24 mm through liver, "
-                   "kidneys, spleen, pancreas, gallbladder, stomach, duodenum, aorta, IVC)")
+    p.add_argument(
+        "--holdout-slab",
+        type=int,
+        nargs=2,
+        default=[86, 94],
+        metavar=("Z0", "Z1"),
+        help="TSEX_0001 slices [Z0, Z1) never trained on (default: %(default)s, 24 mm through liver, "
+        "kidneys, spleen, pancreas, gallbladder, stomach, duodenum, aorta, IVC)",
+    )
     p.add_argument("--data", type=Path, default=lib.DEFAULT_DATASET)
     p.add_argument("--dataset-id", type=int, default=991)
     p.add_argument("--threads", type=int, help="nnUNet_def_n_proc for prediction (default: all cores on CPU)")
     p.add_argument("--workdir", type=Path, help="working folder (must be new or empty; kept)")
     p.add_argument("--results", type=Path, help="default: benchmarks/results/learning-<device>-<date>-<split>")
-    p.add_argument("--report-only", type=Path, metavar="JSON", help="re-write learning.md and the PNG from a "
-                   "learning.json of an earlier run (nothing is run)")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="re-write learning.md and the PNG from a learning.json of an earlier run (nothing is run)",
+    )
     args = p.parse_args(argv)
     preset = PRESETS[args.preset or ("gpu" if args.device == "cuda" else "cpu")]
     for key, value in preset.items():

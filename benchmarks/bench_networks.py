@@ -652,9 +652,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             },
         )
         print(f"\nwritten: {args.json}")
-    failed = [
-        f"{r['spec']['name']}/{m}" for r in records for m, v in r["measurements"].items() if "error" in v
-    ]
+    failed = [f"{r['spec']['name']}/{m}" for r in records for m, v in r["measurements"].items() if "error" in v]
     return 1 if failed else 0
 
 

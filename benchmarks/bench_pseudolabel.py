@@ -53,8 +53,9 @@ def _worker_predict(config: dict) -> dict:
 
     torch.set_num_threads(config["threads"])
     start = time.perf_counter()
-    predictor = build_predictor(locator=config["locator"], segmenter=config["segmenter"], device="cpu",
-                                postprocess=False)
+    predictor = build_predictor(
+        locator=config["locator"], segmenter=config["segmenter"], device="cpu", postprocess=False
+    )
     load_s = time.perf_counter() - start
     rss_before = lib.current_rss_mb()
     case = find_cases(config["input"])[0]
@@ -64,8 +65,13 @@ def _worker_predict(config: dict) -> dict:
     prediction = predict_case_to_files(predictor, case, target, save_probabilities=config["save_probabilities"])
     total = time.perf_counter() - start
     npz = target.with_name(f"{CASE_ID}.npz")
-    return {"time_s": total, "load_s": load_s, "stages_s": prediction.timings, "rss_before_MB": rss_before,
-            "npz_MB": npz.stat().st_size / lib.MIB if npz.is_file() else None}
+    return {
+        "time_s": total,
+        "load_s": load_s,
+        "stages_s": prediction.timings,
+        "rss_before_MB": rss_before,
+        "npz_MB": npz.stat().st_size / lib.MIB if npz.is_file() else None,
+    }
 
 
 def _worker_shift_fold(config: dict) -> dict:
@@ -81,8 +87,9 @@ def _worker_shift_fold(config: dict) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     reader = ProbabilityReader(source)
     start = time.perf_counter()
-    write_probabilities(target, reader.shape, (np.roll(c, SHIFT_VOXELS, axis=2) for c in reader.channels()),
-                        compress_level=6)
+    write_probabilities(
+        target, reader.shape, (np.roll(c, SHIFT_VOXELS, axis=2) for c in reader.channels()), compress_level=6
+    )
     shutil.copyfile(source.with_suffix(".pkl"), target.with_suffix(".pkl"))
     return {"time_s": time.perf_counter() - start, "rss_before_MB": 0.0}
 
@@ -104,12 +111,19 @@ def _worker_vote_nnunet(config: dict) -> dict:
 
     model = Path(config["segmenter"])
     label_manager = PlansManager(load_json(str(model / "plans.json"))).get_label_manager(
-        load_json(str(model / "dataset.json")))
+        load_json(str(model / "dataset.json"))
+    )
     Path(config["out_dir"]).mkdir(parents=True, exist_ok=True)
     rss_before = lib.current_rss_mb()
     start = time.perf_counter()
-    merge_files([str(f) for f in config["folds"]], str(Path(config["out_dir"]) / CASE_ID), ".nii.gz", SimpleITKIO(),
-                label_manager, save_probabilities=True)
+    merge_files(
+        [str(f) for f in config["folds"]],
+        str(Path(config["out_dir"]) / CASE_ID),
+        ".nii.gz",
+        SimpleITKIO(),
+        label_manager,
+        save_probabilities=True,
+    )
     return {"time_s": time.perf_counter() - start, "rss_before_MB": rss_before}
 
 
@@ -119,10 +133,18 @@ def _worker_filter_samflare(config: dict) -> dict:
     voted = Path(config["voted"])
     rss_before = lib.current_rss_mb()
     start = time.perf_counter()
-    record = filter_case(voted / f"{CASE_ID}.nii.gz", voted / f"{CASE_ID}.npz",
-                         Path(config["out_dir"]) / f"{CASE_ID}.nii.gz", CONFIDENCE, 15)
-    return {"time_s": time.perf_counter() - start, "rss_before_MB": rss_before,
-            "ignored_voxels": sum(record["ignored"].values())}
+    record = filter_case(
+        voted / f"{CASE_ID}.nii.gz",
+        voted / f"{CASE_ID}.npz",
+        Path(config["out_dir"]) / f"{CASE_ID}.nii.gz",
+        CONFIDENCE,
+        15,
+    )
+    return {
+        "time_s": time.perf_counter() - start,
+        "rss_before_MB": rss_before,
+        "ignored_voxels": sum(record["ignored"].values()),
+    }
 
 
 def _worker_postprocess_nnunet(config: dict) -> dict:
@@ -149,8 +171,12 @@ def _worker_merge_samflare(config: dict) -> dict:
 
     rss_before = lib.current_rss_mb()
     start = time.perf_counter()
-    record = merge_case(config["label"], Path(config["filtered"]) / f"{CASE_ID}.nii.gz", {1, 5},
-                        Path(config["out_dir"]) / f"{CASE_ID}.nii.gz")
+    record = merge_case(
+        config["label"],
+        Path(config["filtered"]) / f"{CASE_ID}.nii.gz",
+        {1, 5},
+        Path(config["out_dir"]) / f"{CASE_ID}.nii.gz",
+    )
     return {"time_s": time.perf_counter() - start, "rss_before_MB": rss_before, "record": record}
 
 
@@ -163,8 +189,13 @@ def _worker_predict_nnunet(config: dict) -> dict:
     predictor.initialize_from_trained_model_folder(config["nnunet"], (0,), "checkpoint_final.pth")
     rss_before = lib.current_rss_mb()
     start = time.perf_counter()
-    predictor.predict_from_files_sequential([[config["input"]]], config["out_dir"], save_probabilities=True,
-                                            overwrite=True, folder_with_segs_from_prev_stage=None)
+    predictor.predict_from_files_sequential(
+        [[config["input"]]],
+        config["out_dir"],
+        save_probabilities=True,
+        overwrite=True,
+        folder_with_segs_from_prev_stage=None,
+    )
     return {"time_s": time.perf_counter() - start, "rss_before_MB": rss_before}
 
 
@@ -231,16 +262,29 @@ def report(runs: dict[str, dict | None]) -> str:
         time_a, time_b = _cell(a, "time_s"), _cell(b, "time_s")
         peak_a, peak_b = _cell(a, "peak_MB"), _cell(b, "peak_MB")
         numbers = [isinstance(v, float) for v in (time_a, time_b, peak_a, peak_b)]
-        rows.append([
-            label,
-            time_a if ours else "—", peak_a if ours else "—",
-            time_b if theirs else "no counterpart", peak_b if theirs else "—",
-            lib.fmt_ratio(lib.ratio(time_b, time_a)) if numbers[0] and numbers[1] else "—",
-            lib.fmt_ratio(lib.ratio(peak_b, peak_a)) if numbers[2] and numbers[3] else "—",
-        ])
+        rows.append(
+            [
+                label,
+                time_a if ours else "—",
+                peak_a if ours else "—",
+                time_b if theirs else "no counterpart",
+                peak_b if theirs else "—",
+                lib.fmt_ratio(lib.ratio(time_b, time_a)) if numbers[0] and numbers[1] else "—",
+                lib.fmt_ratio(lib.ratio(peak_b, peak_a)) if numbers[2] and numbers[3] else "—",
+            ]
+        )
     table = lib.markdown_table(
-        ["per case, 512×512×215, 15 classes", "samflare s", "samflare peak MB", "nnU-Net s", "nnU-Net peak MB",
-         "time nnU-Net ÷ samflare", "memory nnU-Net ÷ samflare"], rows)
+        [
+            "per case, 512×512×215, 15 classes",
+            "samflare s",
+            "samflare peak MB",
+            "nnU-Net s",
+            "nnU-Net peak MB",
+            "time nnU-Net ÷ samflare",
+            "memory nnU-Net ÷ samflare",
+        ],
+        rows,
+    )
     npz = (runs.get("predict-probabilities") or {}).get("npz_MB")
     return table + (f"\n\n.npz of one case and fold: {npz:.0f} MB" if npz else "")
 
@@ -249,13 +293,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_case_arguments(p)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the prediction runs")
-    p.add_argument("--nnunet-pool", action="store_true",
-                   help="also stock nnU-Net's prediction with probabilities (3d_fullres, ~30 min on 2 cores)")
+    p.add_argument(
+        "--nnunet-pool",
+        action="store_true",
+        help="also stock nnU-Net's prediction with probabilities (3d_fullres, ~30 min on 2 cores)",
+    )
     p.add_argument("--json", type=Path, help="write all figures here")
     p.add_argument("--out", type=Path, help="where the runs write (default: <workdir>/pseudolabel_bench)")
-    p.add_argument("--reuse-only", action="store_true",
-                   help="use the case and models prepared in --workdir as they are; never prepare (or re-prepare) "
-                   "them there, e.g. in another benchmark's working folder")
+    p.add_argument(
+        "--reuse-only",
+        action="store_true",
+        help="use the case and models prepared in --workdir as they are; never prepare (or re-prepare) "
+        "them there, e.g. in another benchmark's working folder",
+    )
     p.add_argument("--_worker", nargs=3, metavar=("NAME", "CONFIG", "OUT"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -271,8 +321,9 @@ def main(argv=None) -> int:
     with case_workdir(args) as workdir:
         if args.reuse_only:
             marker = workdir / "prepared.json"
-            if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get("config") != \
-                    preparation_config(args):
+            if not marker.is_file() or json.loads(marker.read_text(encoding="utf-8")).get(
+                "config"
+            ) != preparation_config(args):
                 raise SystemExit(f"--reuse-only: {marker} is missing or was prepared with other settings")
             args.reuse = True
         prepared = prepare(args, workdir)
@@ -280,33 +331,56 @@ def main(argv=None) -> int:
         env = lib.nnunet_env(workdir, n_proc=args.threads)
         out = (args.out or workdir / "pseudolabel_bench").resolve()
         models = prepared["models"]
-        base = {"locator": models["locator"]["folder"], "segmenter": models["segmenter"]["folder"],
-                "input": prepared["input"], "threads": args.threads}
+        base = {
+            "locator": models["locator"]["folder"],
+            "segmenter": models["segmenter"]["folder"],
+            "input": prepared["input"],
+            "threads": args.threads,
+        }
         fold_0 = out / "fold_0" / f"{CASE_ID}.npz"
         fold_1 = out / "fold_1" / f"{CASE_ID}.npz"
         runs: dict[str, dict | None] = {}
-        runs["predict"] = run_worker("predict", {**base, "tag": "labels", "out_dir": str(out / "labels_only"),
-                                                 "save_probabilities": False}, env, out)
+        runs["predict"] = run_worker(
+            "predict",
+            {**base, "tag": "labels", "out_dir": str(out / "labels_only"), "save_probabilities": False},
+            env,
+            out,
+        )
         runs["predict-probabilities"] = run_worker(
-            "predict", {**base, "tag": "probabilities", "out_dir": str(fold_0.parent), "save_probabilities": True},
-            env, out)
+            "predict",
+            {**base, "tag": "probabilities", "out_dir": str(fold_0.parent), "save_probabilities": True},
+            env,
+            out,
+        )
         runs["shift-fold"] = run_worker("shift-fold", {"fold_0": str(fold_0), "fold_1": str(fold_1)}, env, out)
         folds = [str(fold_0), str(fold_1)]
-        runs["vote-samflare"] = run_worker("vote-samflare", {"folds": folds, "out_dir": str(out / "voted")}, env,
-                                           out)
-        runs["vote-nnunet"] = run_worker("vote-nnunet", {"folds": folds, "out_dir": str(out / "voted_nnunet"),
-                                                         "segmenter": base["segmenter"]}, env, out)
-        runs["filter-samflare"] = run_worker("filter-samflare", {"voted": str(out / "voted"),
-                                                                 "out_dir": str(out / "filtered")}, env, out)
-        runs["postprocess-nnunet"] = run_worker("postprocess-nnunet", {"voted": str(out / "voted"),
-                                                                       "out_dir": str(out / "pp_nnunet")}, env, out)
-        runs["merge-samflare"] = run_worker("merge-samflare", {"label": prepared["label"],
-                                                               "filtered": str(out / "filtered"),
-                                                               "out_dir": str(out / "merged")}, env, out)
+        runs["vote-samflare"] = run_worker("vote-samflare", {"folds": folds, "out_dir": str(out / "voted")}, env, out)
+        runs["vote-nnunet"] = run_worker(
+            "vote-nnunet",
+            {"folds": folds, "out_dir": str(out / "voted_nnunet"), "segmenter": base["segmenter"]},
+            env,
+            out,
+        )
+        runs["filter-samflare"] = run_worker(
+            "filter-samflare", {"voted": str(out / "voted"), "out_dir": str(out / "filtered")}, env, out
+        )
+        runs["postprocess-nnunet"] = run_worker(
+            "postprocess-nnunet", {"voted": str(out / "voted"), "out_dir": str(out / "pp_nnunet")}, env, out
+        )
+        runs["merge-samflare"] = run_worker(
+            "merge-samflare",
+            {"label": prepared["label"], "filtered": str(out / "filtered"), "out_dir": str(out / "merged")},
+            env,
+            out,
+        )
         runs["predict-nnunet"] = None
         if args.nnunet_pool:
-            runs["predict-nnunet"] = run_worker("predict-nnunet", {**base, "nnunet": models["nnunet"]["folder"],
-                                                                   "out_dir": str(out / "nnunet_pool")}, env, out)
+            runs["predict-nnunet"] = run_worker(
+                "predict-nnunet",
+                {**base, "nnunet": models["nnunet"]["folder"], "out_dir": str(out / "nnunet_pool")},
+                env,
+                out,
+            )
         print()
         print(lib.describe_environment(info))
         print(report(runs))

@@ -98,6 +98,13 @@ def oblique_anisotropic(image: sitk.Image, spacing_xyz=(2.0, 2.5, 4.0), degrees:
     centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
     origin = np.asarray(centre) - direction @ ((np.asarray(size) - 1) / 2 * np.asarray(spacing_xyz))
     return sitk.Resample(
-        image, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), spacing_xyz, direction.ravel().tolist(),
-        -1000, sitk.sitkInt16,
+        image,
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        origin.tolist(),
+        spacing_xyz,
+        direction.ravel().tolist(),
+        -1000,
+        sitk.sitkInt16,
     )

@@ -33,8 +33,16 @@ from conftest import (
 )
 from image_factory import make_bad_input, oblique_anisotropic, write_dicom_series
 
-MODELS = ["-d", str(DATASET_ID), "--locator_trainer", LOCATOR_TRAINER, "--segmenter_trainer", SEGMENTER_TRAINER,
-          "-device", "cpu"]
+MODELS = [
+    "-d",
+    str(DATASET_ID),
+    "--locator_trainer",
+    LOCATOR_TRAINER,
+    "--segmenter_trainer",
+    SEGMENTER_TRAINER,
+    "-device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +86,58 @@ def test_in_process_and_composed_paths_agree_voxel_for_voxel(trained_models, tmp
     sitk.WriteImage(oblique_anisotropic(ct), str(images / "oblique_0000.nii.gz"))
     run = trained_models.run
     # stock nnUNetv2_predict always blends with a Gaussian; --disable_tta on both sides
-    run([command("samflare"), "predict", "-i", str(images), "-o", str(tmp_path / "direct"), *MODELS,
-         "--gaussian", "--disable_tta"])
+    run(
+        [
+            command("samflare"),
+            "predict",
+            "-i",
+            str(images),
+            "-o",
+            str(tmp_path / "direct"),
+            *MODELS,
+            "--gaussian",
+            "--disable_tta",
+        ]
+    )
     run([command("samflare"), "locate", "-i", str(images), "-o", str(tmp_path / "roi"), *MODELS])
-    run([command("nnUNetv2_predict"), "-i", str(tmp_path / "roi"), "-o", str(tmp_path / "roi_pred"),
-         "-d", str(DATASET_ID), "-c", "3d_segmenter", "-f", "all", "-tr", SEGMENTER_TRAINER, "-p", PLANS,
-         "-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0"])
-    run([command("samflare"), "uncrop", "-i", str(tmp_path / "roi_pred"), "-r", str(tmp_path / "roi"),
-         "-o", str(tmp_path / "uncropped")])
+    run(
+        [
+            command("nnUNetv2_predict"),
+            "-i",
+            str(tmp_path / "roi"),
+            "-o",
+            str(tmp_path / "roi_pred"),
+            "-d",
+            str(DATASET_ID),
+            "-c",
+            "3d_segmenter",
+            "-f",
+            "all",
+            "-tr",
+            SEGMENTER_TRAINER,
+            "-p",
+            PLANS,
+            "-device",
+            "cpu",
+            "--disable_tta",
+            "-npp",
+            "0",
+            "-nps",
+            "0",
+        ]
+    )
+    run(
+        [
+            command("samflare"),
+            "uncrop",
+            "-i",
+            str(tmp_path / "roi_pred"),
+            "-r",
+            str(tmp_path / "roi"),
+            "-o",
+            str(tmp_path / "uncropped"),
+        ]
+    )
     run([command("samflare"), "postprocess", "-i", str(tmp_path / "uncropped"), "-o", str(tmp_path / "composed")])
 
     roi_image = sitk.ReadImage(str(tmp_path / "roi" / "oblique_0000.nii.gz"))
@@ -102,13 +154,27 @@ def test_in_process_and_composed_paths_agree_voxel_for_voxel(trained_models, tmp
         assert sitk.GetArrayFromImage(direct).any()
     # the stock postprocessing CLI accepts samflare's output folder and pickle
     run([command("samflare"), "postprocess", "--write-nnunet-pkl", str(tmp_path / "pp.pkl")])
-    run([command("nnUNetv2_apply_postprocessing"), "-i", str(tmp_path / "uncropped"), "-o", str(tmp_path / "stock_pp"),
-         "-pp_pkl_file", str(tmp_path / "pp.pkl"), "-np", "1",
-         "-plans_json", str(tmp_path / "direct" / "plans.json"),
-         "-dataset_json", str(tmp_path / "direct" / "dataset.json")])
+    run(
+        [
+            command("nnUNetv2_apply_postprocessing"),
+            "-i",
+            str(tmp_path / "uncropped"),
+            "-o",
+            str(tmp_path / "stock_pp"),
+            "-pp_pkl_file",
+            str(tmp_path / "pp.pkl"),
+            "-np",
+            "1",
+            "-plans_json",
+            str(tmp_path / "direct" / "plans.json"),
+            "-dataset_json",
+            str(tmp_path / "direct" / "dataset.json"),
+        ]
+    )
     for case in ("plain", "oblique"):
-        np.testing.assert_array_equal(labels(tmp_path / "stock_pp" / f"{case}.nii.gz"),
-                                      labels(tmp_path / "composed" / f"{case}.nii.gz"))
+        np.testing.assert_array_equal(
+            labels(tmp_path / "stock_pp" / f"{case}.nii.gz"), labels(tmp_path / "composed" / f"{case}.nii.gz")
+        )
 
 
 def test_dicom_series_gives_nifti_in_the_series_geometry(predictor, tmp_path, ct):
@@ -132,8 +198,15 @@ def test_python_api_returns_an_image_in_the_input_geometry(predictor, ct):
 def test_probabilities_are_full_size_and_consistent_with_labels(models, tmp_path, ct):
     sitk.WriteImage(ct, str(tmp_path / "scan.nii.gz"))
     raw = CascadePredictor(*models, device="cpu", postprocess=False)
-    (label_file,) = predict(tmp_path / "scan.nii.gz", tmp_path / "out", predictor=raw, save_probabilities=True,
-                            stats=True, preview=True, progress=False)
+    (label_file,) = predict(
+        tmp_path / "scan.nii.gz",
+        tmp_path / "out",
+        predictor=raw,
+        save_probabilities=True,
+        stats=True,
+        preview=True,
+        progress=False,
+    )
     probabilities = np.load(tmp_path / "out" / "scan.npz")["probabilities"].astype(np.float32)
     seg = labels(label_file)
     assert probabilities.shape == (15, *seg.shape)
@@ -205,8 +278,21 @@ def test_missing_model_folder_and_wrong_channel_count(trained_models, monkeypatc
     monkeypatch.setenv("nnUNet_results", str(trained_models.results))
     sitk.WriteImage(ct, str(tmp_path / "scan_0000.nii.gz"))
     missing = tmp_path / "no_such_model"
-    code = samflare_main(["predict", "-i", str(tmp_path / "scan_0000.nii.gz"), "-o", str(tmp_path / "out"),
-                          "--locator", str(missing), "--segmenter", str(missing), "-device", "cpu"])
+    code = samflare_main(
+        [
+            "predict",
+            "-i",
+            str(tmp_path / "scan_0000.nii.gz"),
+            "-o",
+            str(tmp_path / "out"),
+            "--locator",
+            str(missing),
+            "--segmenter",
+            str(missing),
+            "-device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and str(missing) in err
     images = tmp_path / "images"

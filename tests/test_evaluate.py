@@ -185,8 +185,18 @@ def test_label_spec_forms():
 def test_case_matching_by_name_with_the_endings_predict_writes(tmp_path):
     from nnunet_samflare.io import TEMP_PREFIX, find_cases
 
-    for name in ("a.nii.gz", "b.nrrd", "c.mha", "d.nii", "plans.json", "e.npz", "f_preview.png", "g.tif",
-                 f"{TEMP_PREFIX}0123-h.nii.gz", ".hidden.nii.gz"):
+    for name in (
+        "a.nii.gz",
+        "b.nrrd",
+        "c.mha",
+        "d.nii",
+        "plans.json",
+        "e.npz",
+        "f_preview.png",
+        "g.tif",
+        f"{TEMP_PREFIX}0123-h.nii.gz",
+        ".hidden.nii.gz",
+    ):
         (tmp_path / name).write_bytes(b"")
     # one discovery rule: evaluate sees exactly the cases predict would (hidden temporaries included: never)
     assert set(find_label_files(tmp_path)) == {c.case_id for c in find_cases(tmp_path)}

@@ -63,18 +63,33 @@ def test_export_packs_both_phases_in_nnunet_layout_with_a_manifest(cascade_zip, 
         manifest = json.loads(archive.read(MANIFEST))
     expected = {
         f"{DATASET}/{LOCATOR}/{f}"
-        for f in ("plans.json", "dataset.json", "crossval_results_folds_0/postprocessing.json",
-                  "fold_all/checkpoint_final.pth", "fold_all/validation/summary.json")
+        for f in (
+            "plans.json",
+            "dataset.json",
+            "crossval_results_folds_0/postprocessing.json",
+            "fold_all/checkpoint_final.pth",
+            "fold_all/validation/summary.json",
+        )
     } | {
         f"{DATASET}/{SEGMENTER}/{f}"
-        for f in ("plans.json", "dataset.json", "crossval_results_folds_0/postprocessing.json",
-                  "fold_0/checkpoint_final.pth", "fold_0/validation/summary.json",
-                  "fold_1/checkpoint_final.pth", "fold_1/validation/summary.json")
+        for f in (
+            "plans.json",
+            "dataset.json",
+            "crossval_results_folds_0/postprocessing.json",
+            "fold_0/checkpoint_final.pth",
+            "fold_0/validation/summary.json",
+            "fold_1/checkpoint_final.pth",
+            "fold_1/validation/summary.json",
+        )
     }
     assert names == expected | {MANIFEST}  # no other checkpoints, no validation predictions
     assert manifest["dataset"] == DATASET
-    assert manifest["locator"] == {"folder": f"{DATASET}/{LOCATOR}", "trainer": "nnUNetTrainer_SAMFlareLocator",
-                                   "configuration": "3d_locator", "folds": ["all"]}
+    assert manifest["locator"] == {
+        "folder": f"{DATASET}/{LOCATOR}",
+        "trainer": "nnUNetTrainer_SAMFlareLocator",
+        "configuration": "3d_locator",
+        "folds": ["all"],
+    }
     assert manifest["segmenter"]["folds"] == [0, 1]
     assert set(manifest["files"]) == expected
     assert predict_command(manifest) == "samflare predict -i IMAGES -o OUTPUT -d 777"
@@ -84,8 +99,11 @@ def test_install_recreates_the_model_folders_byte_for_byte(cascade_zip, results,
     other = tmp_path / "other_machine"
     manifest = install_cascade(cascade_zip, results=other)
     for name in (LOCATOR, SEGMENTER):
-        exported = {k: v for k, v in files_below(results / DATASET / name).items()
-                    if k.endswith(("checkpoint_final.pth", ".json"))}
+        exported = {
+            k: v
+            for k, v in files_below(results / DATASET / name).items()
+            if k.endswith(("checkpoint_final.pth", ".json"))
+        }
         assert files_below(other / DATASET / name) == exported
     assert manifest["installed"]["segmenter"] == str(other / DATASET / SEGMENTER)
     assert not [p for p in other.iterdir() if p.name.startswith(".")]  # the staging folder is gone
@@ -114,8 +132,8 @@ def corrupt_copy(source: Path, target: Path, member_suffix: str) -> Path:
     with zipfile.ZipFile(source) as archive:
         info = next(i for i in archive.infolist() if i.filename.endswith(member_suffix))
     header = info.header_offset
-    name_length = int.from_bytes(data[header + 26:header + 28], "little")
-    extra_length = int.from_bytes(data[header + 28:header + 30], "little")
+    name_length = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_length = int.from_bytes(data[header + 28 : header + 30], "little")
     start = header + 30 + name_length + extra_length
     data[start + 100] ^= 0xFF
     target.write_bytes(bytes(data))
@@ -155,9 +173,16 @@ def test_foreign_zips_install_nothing(results, tmp_path, capsys):
                 archive.write(path, path.relative_to(results).as_posix())
     assert_refused(stock, target, capsys, "not a samflare cascade", "nnUNetv2_install_pretrained_model_from_zip")
     # a manifest that lists a path outside the dataset folder
-    manifest = {"format": "samflare-cascade", "format_version": 1, "dataset": DATASET, "plans": "samflarePlans",
-                "checkpoint": "checkpoint_final.pth", "files": {"../../etc/evil": "0" * 64},
-                "locator": {"folder": f"{DATASET}/{LOCATOR}"}, "segmenter": {"folder": f"{DATASET}/{SEGMENTER}"}}
+    manifest = {
+        "format": "samflare-cascade",
+        "format_version": 1,
+        "dataset": DATASET,
+        "plans": "samflarePlans",
+        "checkpoint": "checkpoint_final.pth",
+        "files": {"../../etc/evil": "0" * 64},
+        "locator": {"folder": f"{DATASET}/{LOCATOR}"},
+        "segmenter": {"folder": f"{DATASET}/{SEGMENTER}"},
+    }
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as archive:
         archive.writestr("../../etc/evil", "x")

@@ -85,12 +85,23 @@ def test_sigkill_mid_training_then_continue(planned_dataset, tmp_path):
     (extra / "kill_test_trainer.py").write_text(TRAINER_MODULE, encoding="utf-8")
     log = tmp_path / "draws.jsonl"
     env = planned_dataset.env(training=True, nnUNet_extTrainer=str(extra), KILL_TEST_LOG=str(log))
-    args = [command("nnUNetv2_train"), str(DATASET_ID), "3d_segmenter", "all", "-tr", TRAINER, "-p", PLANS,
-            "-device", "cpu"]
+    args = [
+        command("nnUNetv2_train"),
+        str(DATASET_ID),
+        "3d_segmenter",
+        "all",
+        "-tr",
+        TRAINER,
+        "-p",
+        PLANS,
+        "-device",
+        "cpu",
+    ]
     output = planned_dataset.model_folder(TRAINER, "3d_segmenter") / "fold_all"
 
-    process = subprocess.Popen(args, env={**env, "KILL_TEST_SLOW": "1"}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        args, env={**env, "KILL_TEST_SLOW": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = output / "checkpoint_latest.pth"
     deadline = time.monotonic() + 600
     killed_at = None

@@ -122,8 +122,18 @@ def test_plan_from_resenc_plans_builds_both_networks(planned_dataset):
     from nnunet_samflare.training.trainers import nnUNetTrainer_SAMFlareSegmenter
 
     planned_dataset.run([command("nnUNetv2_plan_experiment"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM"])
-    planned_dataset.run([command("samflare"), "plan", "-d", str(DATASET_ID), "-p", "nnUNetResEncUNetMPlans",
-                         "-o", "samflareResEncMPlans"])
+    planned_dataset.run(
+        [
+            command("samflare"),
+            "plan",
+            "-d",
+            str(DATASET_ID),
+            "-p",
+            "nnUNetResEncUNetMPlans",
+            "-o",
+            "samflareResEncMPlans",
+        ]
+    )
     folder = planned_dataset.preprocessed / DATASET_NAME
     plans = read_json(folder / "samflareResEncMPlans.json")
     source = read_json(folder / "nnUNetResEncUNetMPlans.json")

@@ -21,8 +21,12 @@ from conftest import dataset, read_json
 def nnunet_loss(batch_dice: bool, ignore_label: int | None) -> DC_and_CE_loss:
     """The loss nnUNetTrainer._build_loss builds for label (not region) training."""
     return DC_and_CE_loss(
-        {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1, weight_dice=1,
-        ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss,
+        {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False},
+        {},
+        weight_ce=1,
+        weight_dice=1,
+        ignore_label=ignore_label,
+        dice_class=MemoryEfficientSoftDiceLoss,
     )
 
 
@@ -149,9 +153,11 @@ def test_partial_trainer_has_nnunets_training_lengths_found_by_stock_lookup():
         "    print('FOUND', name, cls.__module__, cls.training_epochs)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("nnUNet_extTrainer", "SAMFLARE_NO_AUTOREGISTER")}
-    result = subprocess.run([sys.executable, "-c", code, *names], env=env, capture_output=True, encoding="utf-8",
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *names], env=env, capture_output=True, encoding="utf-8", timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     found = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("FOUND")]
-    assert found == [[name, "nnunet_samflare.training.partial_labels", str(n)]
-                     for name, n in zip(names, TRAINING_LENGTHS)]
+    assert found == [
+        [name, "nnunet_samflare.training.partial_labels", str(n)] for name, n in zip(names, TRAINING_LENGTHS)
+    ]

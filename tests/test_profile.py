@@ -70,8 +70,9 @@ def test_run_and_sample_measures_ram_without_gpu():
 def test_profile_cases_reports_every_case_and_the_failure(images, tmp_path):
     out = tmp_path / "out"
     lines = []
-    result = profile_cases(images, out, {"dataset": "501", "folds": [0]}, command_builder=python_case,
-                           progress=lines.append)
+    result = profile_cases(
+        images, out, {"dataset": "501", "folds": [0]}, command_builder=python_case, progress=lines.append
+    )
     by_case = {r["case"]: r for r in result["cases"]}
     assert list(by_case) == ["A", "B"]
     assert by_case["A"]["exit_code"] == 0 and by_case["B"]["exit_code"] == 3  # B failed, A still ran
@@ -261,8 +262,12 @@ def test_nvidia_smi_is_the_fallback_without_pynvml(fake_nvidia_smi, images, tmp_
     assert sampler is None and "No devices were found" in note
 
     # What `samflare profile` does by default: GPU figures from nvidia-smi, and the note says what is missing.
-    result = profile_cases(images, tmp_path / "out", command_builder=lambda *args: [PY, "-c", "pass"],
-                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    result = profile_cases(
+        images,
+        tmp_path / "out",
+        command_builder=lambda *args: [PY, "-c", "pass"],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"},
+    )
     assert result["settings"]["gpu"]["source"] == "nvidia-smi"
     assert "no own-process GPU figure" in result["settings"]["gpu_note"]
     assert all(r["MaxGPU_MB"] == 1000.0 for r in result["cases"])
@@ -271,12 +276,10 @@ def test_nvidia_smi_is_the_fallback_without_pynvml(fake_nvidia_smi, images, tmp_
 
 def test_predict_command_runs_the_library_in_a_fresh_interpreter_with_the_clis_exit_codes(images, tmp_path):
     (case,) = [c for c in profile.profile_cases_of(images) if c.case_id == "A"]
-    options = {"locator": str(tmp_path / "no_locator"), "segmenter": str(tmp_path / "no_segmenter"),
-               "device": "cpu"}
+    options = {"locator": str(tmp_path / "no_locator"), "segmenter": str(tmp_path / "no_segmenter"), "device": "cpu"}
     command = predict_command(case, tmp_path / "out", options)
     assert command[:2] == [PY, "-c"] and "nnunet_samflare.cli" not in " ".join(command)
-    assert json.loads(command[-1]) == {"input": str(case.files[0]), "output": str(tmp_path / "out"),
-                                       "options": options}
+    assert json.loads(command[-1]) == {"input": str(case.files[0]), "output": str(tmp_path / "out"), "options": options}
     # Bad input in the child: one line naming the cause and exit code 2, as `samflare predict` gives.
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
@@ -288,7 +291,8 @@ def test_profile_finds_exactly_the_cases_predict_finds(tmp_path):
 
     for name in ("a_0000.nii.gz", "b.mha", f"{TEMP_PREFIX}0123-c_0000.nii.gz", "notes.txt", "d.png"):
         sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(tmp_path / name)) if name.endswith(
-            (".gz", ".mha")) else (tmp_path / name).write_bytes(b"x")
+            (".gz", ".mha")
+        ) else (tmp_path / name).write_bytes(b"x")
     assert [c.case_id for c in profile.profile_cases_of(tmp_path)] == [c.case_id for c in find_cases(tmp_path)]
     assert [c.case_id for c in find_cases(tmp_path)] == ["a", "b"]
     sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkInt16), str(tmp_path / "a_0001.nii.gz"))
@@ -300,8 +304,24 @@ def test_cli_hands_unknown_flags_to_predicts_own_parser():
     from nnunet_samflare.cli.profile import predict_options_from
 
     args, extra = build_parser().parse_known_args(
-        ["profile", "-i", "imgs", "-device", "cpu", "-o", "out", "-d", "501", "-f", "0", "--disable_tta",
-         "--report-dir", "rep", "--no-gpu", "--save_probabilities"]
+        [
+            "profile",
+            "-i",
+            "imgs",
+            "-device",
+            "cpu",
+            "-o",
+            "out",
+            "-d",
+            "501",
+            "-f",
+            "0",
+            "--disable_tta",
+            "--report-dir",
+            "rep",
+            "--no-gpu",
+            "--save_probabilities",
+        ]
     )
     assert (args.images, args.output_dir, args.report_dir, args.no_gpu) == ("imgs", "out", "rep", True)
     assert extra == ["-device", "cpu", "-d", "501", "-f", "0", "--disable_tta", "--save_probabilities"]

@@ -20,8 +20,13 @@ from nnunet_samflare.errors import EXIT_BAD_INPUT, InputError
 from nnunet_samflare.inference.api import build_predictor, predict
 from nnunet_samflare.io import TEMP_PREFIX
 
-PROFILE = settings(max_examples=10, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROFILE = settings(
+    max_examples=10,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 LABEL_SET = set(LABELS.values())
 PIXEL_TYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64]
 ENDINGS = [".nii.gz", ".nii", ".mha", ".nrrd"]
@@ -93,8 +98,21 @@ def test_cli_writes_a_label_map_in_the_input_geometry_or_refuses_in_one_line(
     sitk.WriteImage(image, str(source))
     written = sitk.ReadImage(str(source))  # what the format kept (e.g. NIfTI's float32 geometry)
     out = folder / "out"
-    code = main(["predict", "-i", str(source), "-o", str(out), "--locator", str(models[0]), "--segmenter",
-                 str(models[1]), "-device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "-i",
+            str(source),
+            "-o",
+            str(out),
+            "--locator",
+            str(models[0]),
+            "--segmenter",
+            str(models[1]),
+            "-device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert not list(out.glob(f"{TEMP_PREFIX}*")) if out.exists() else True
     if code == 0:

@@ -27,8 +27,10 @@ def write_fold(folder: Path, case: str, probabilities: np.ndarray, geometry: dic
     """What --save_probabilities writes: <case>.npz and <case>.pkl (nnU-Net's properties)."""
     folder.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(folder / f"{case}.npz", probabilities=probabilities.astype(np.float32))
-    properties = {"sitk_stuff": {k: tuple(float(x) for x in v) for k, v in geometry.items()},
-                  "spacing": list(geometry["spacing"][::-1])}
+    properties = {
+        "sitk_stuff": {k: tuple(float(x) for x in v) for k, v in geometry.items()},
+        "spacing": list(geometry["spacing"][::-1]),
+    }
     with open(folder / f"{case}.pkl", "wb") as f:
         pickle.dump(properties, f)
     return folder / f"{case}.npz"
@@ -81,8 +83,21 @@ def test_merge_real_partial_cases_keep_every_annotated_voxel(tmp_path, name):
         gt_image = sitk.ReadImage(str(tmp_path / "gt" / f"{case}.nii.gz"))
         pseudo[case] = rng.integers(0, 15, size=gt_image.GetSize()[::-1])  # disagrees wherever it can
         sitk.WriteImage(label_image(pseudo[case], gt_image), str(tmp_path / "pseudo" / f"{case}.nii.gz"))
-    assert samflare_main(["pseudolabel", "merge", "--gt", str(tmp_path / "gt"), "--pseudo", str(tmp_path / "pseudo"),
-                          "-o", str(tmp_path / "out")]) == 0
+    assert (
+        samflare_main(
+            [
+                "pseudolabel",
+                "merge",
+                "--gt",
+                str(tmp_path / "gt"),
+                "--pseudo",
+                str(tmp_path / "pseudo"),
+                "-o",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     for case, labels in partial.items():
         gt_image = sitk.ReadImage(str(tmp_path / "gt" / f"{case}.nii.gz"))
         gt = sitk.GetArrayFromImage(gt_image)
@@ -107,8 +122,10 @@ def test_merge_fully_annotated_and_unlabelled_cases(tmp_path):
     pseudo_dir.mkdir()
     shutil.copy(data_file("flare_like", "label", "TSEX_0002"), gt_dir / "TSEX_0002.nii.gz")
     gt = read(gt_dir / "TSEX_0002.nii.gz")
-    sitk.WriteImage(label_image(np.zeros_like(gt), sitk.ReadImage(str(gt_dir / "TSEX_0002.nii.gz"))),
-                    str(pseudo_dir / "TSEX_0002.nii.gz"))
+    sitk.WriteImage(
+        label_image(np.zeros_like(gt), sitk.ReadImage(str(gt_dir / "TSEX_0002.nii.gz"))),
+        str(pseudo_dir / "TSEX_0002.nii.gz"),
+    )
     sitk.WriteImage(label_image(np.full((3, 4, 5), 7)), str(pseudo_dir / "UNL_0001.nii.gz"))
     records = merge_folders(gt_dir, pseudo_dir, tmp_path / "out")  # no dataset.json: every GT is complete
     assert records["TSEX_0002"]["provenance"] == "ground_truth"
@@ -152,15 +169,22 @@ def test_vote_equals_nnunet_ensembling(tmp_path):
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
     rng = np.random.default_rng(7)
-    files = [write_fold(tmp_path / f"fold_{k}", "case", softmax(rng.normal(size=(5, 6, 7, 8)) * 2))
-             for k in range(3)]
+    files = [write_fold(tmp_path / f"fold_{k}", "case", softmax(rng.normal(size=(5, 6, 7, 8)) * 2)) for k in range(3)]
     vote_case(files, tmp_path / "ours", "case", ".nii.gz")
     (tmp_path / "nnunet").mkdir()
-    merge_files([str(f) for f in files], str(tmp_path / "nnunet" / "case"), ".nii.gz", SimpleITKIO(),
-                LabelManager({"background": 0, **{f"c{i}": i for i in range(1, 5)}}, None), save_probabilities=True)
+    merge_files(
+        [str(f) for f in files],
+        str(tmp_path / "nnunet" / "case"),
+        ".nii.gz",
+        SimpleITKIO(),
+        LabelManager({"background": 0, **{f"c{i}": i for i in range(1, 5)}}, None),
+        save_probabilities=True,
+    )
     assert files_equal_arrays(tmp_path / "ours" / "case.nii.gz", tmp_path / "nnunet" / "case.nii.gz")
-    np.testing.assert_array_equal(np.load(tmp_path / "ours" / "case.npz")["probabilities"],
-                                  np.load(tmp_path / "nnunet" / "case.npz")["probabilities"])
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "ours" / "case.npz")["probabilities"],
+        np.load(tmp_path / "nnunet" / "case.npz")["probabilities"],
+    )
 
 
 def files_equal_arrays(a: Path, b: Path) -> bool:
@@ -197,8 +221,9 @@ def test_vote_names_the_fold_that_does_not_fit_and_writes_nothing(tmp_path, caps
     else:
         write_fold(tmp_path / "fold_1", "case", good, dict(GEOMETRY, spacing=(1.5, 1.5, 2.0)))
     out = tmp_path / "out"
-    code = samflare_main(["pseudolabel", "vote", "-i", str(tmp_path / "fold_0"), str(tmp_path / "fold_1"),
-                          "-o", str(out)])
+    code = samflare_main(
+        ["pseudolabel", "vote", "-i", str(tmp_path / "fold_0"), str(tmp_path / "fold_1"), "-o", str(out)]
+    )
     message = capsys.readouterr().err.strip()
     assert code == 2 and len(message.splitlines()) == 1
     assert str(tmp_path / "fold_1" / ("case.npz" if what == "shape" else "case.pkl")) in message
@@ -250,8 +275,22 @@ def test_filter_folder_reports_ignored_voxels_per_label(tmp_path, capsys):
     probabilities[:, 1, :, :2] = np.array([0.05, 0.95, 0.0])[:, None, None]  # confident label 1 there
     write_fold(tmp_path / "voted", "c", probabilities)
     sitk.WriteImage(label_image(probabilities.argmax(0)), str(tmp_path / "voted" / "c.nii.gz"))
-    assert samflare_main(["pseudolabel", "filter", "-i", str(tmp_path / "voted"), "-o", str(tmp_path / "out"),
-                          "--confidence", "0.9", "--no_postprocessing"]) == 0
+    assert (
+        samflare_main(
+            [
+                "pseudolabel",
+                "filter",
+                "-i",
+                str(tmp_path / "voted"),
+                "-o",
+                str(tmp_path / "out"),
+                "--confidence",
+                "0.9",
+                "--no_postprocessing",
+            ]
+        )
+        == 0
+    )
     filtered = read(tmp_path / "out" / "c.nii.gz")
     assert (filtered == 3).sum() == 18 and (filtered == 1).sum() == 6  # ignore label = 3 classes = max label + 1
     assert read_json(tmp_path / "out" / "c_filter.json")["ignored"] == {"0": 18}
@@ -271,8 +310,10 @@ def test_filter_refuses_probabilities_of_another_shape(tmp_path):
 
 @pytest.mark.parametrize(
     ("partial_labels", "message"),
-    [({"DCMQI_0001": [1], "GONE_0001": [5]}, "names case 'GONE_0001', which is not in the dataset"),
-     ({"DCMQI_0001": [1], "TSAO_0001": [16]}, "names label 16, which is not a foreground label")],
+    [
+        ({"DCMQI_0001": [1], "GONE_0001": [5]}, "names case 'GONE_0001', which is not in the dataset"),
+        ({"DCMQI_0001": [1], "TSAO_0001": [16]}, "names label 16, which is not a foreground label"),
+    ],
 )
 def test_merge_refuses_bad_partial_labels_and_writes_nothing(tmp_path, capsys, partial_labels, message):
     shutil.copytree(dataset("partial") / "labelsTr", tmp_path / "gt")
@@ -280,8 +321,18 @@ def test_merge_refuses_bad_partial_labels_and_writes_nothing(tmp_path, capsys, p
     data = read_json(dataset("partial") / "dataset.json")
     data["partial_labels"] = partial_labels
     (tmp_path / "dataset.json").write_text(__import__("json").dumps(data), encoding="utf-8")
-    code = samflare_main(["pseudolabel", "merge", "--gt", str(tmp_path / "gt"), "--pseudo", str(tmp_path / "pseudo"),
-                          "-o", str(tmp_path / "out")])
+    code = samflare_main(
+        [
+            "pseudolabel",
+            "merge",
+            "--gt",
+            str(tmp_path / "gt"),
+            "--pseudo",
+            str(tmp_path / "pseudo"),
+            "-o",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert str(tmp_path / "dataset.json") in err and message in err
@@ -352,15 +403,19 @@ def _snapshot(root: Path) -> dict[str, int]:
         ("missing_unlabelled", "nowhere: unlabelled-scan folder not found"),
         ("confidence", "--confidence must be in (0, 1], not 1.5"),
         ("partial_case", "dataset.json: partial_labels names case 'GONE_0001', which is not in the dataset"),
-        ("partial_label", "dataset.json: partial_labels of 'TSAO_0001' names label 16, which is not a foreground "
-                          "label"),
+        (
+            "partial_label",
+            "dataset.json: partial_labels of 'TSAO_0001' names label 16, which is not a foreground label",
+        ),
         ("2d_unlabelled", "UNL_0002_0000.nii.gz: 2-D image"),
         ("work_in_unlabelled", "output folder is inside the input folder"),
     ],
 )
 def test_run_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, case, message):
-    partial_labels = {"partial_case": {"DCMQI_0001": [1], "GONE_0001": [5]},
-                      "partial_label": {"DCMQI_0001": [1], "TSAO_0001": [16]}}.get(case)
+    partial_labels = {
+        "partial_case": {"DCMQI_0001": [1], "GONE_0001": [5]},
+        "partial_label": {"DCMQI_0001": [1], "TSAO_0001": [16]},
+    }.get(case)
     folders = _run_source(tmp_path / "nnunet", monkeypatch, partial_labels)
     unlabelled, work = folders["unlabelled"], tmp_path / "work"
     extra = {"folds": ["--folds", "1"], "confidence": ["--confidence", "1.5"]}.get(case, [])
@@ -374,8 +429,21 @@ def test_run_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypa
     elif case == "work_in_unlabelled":
         work = unlabelled / "work"
     before = _snapshot(tmp_path)
-    code = samflare_main(["pseudolabel", "run", "-d", "Dataset530_PLSource", "--unlabeled", str(unlabelled),
-                          "-o", str(work), "-device", "cpu", *extra])
+    code = samflare_main(
+        [
+            "pseudolabel",
+            "run",
+            "-d",
+            "Dataset530_PLSource",
+            "--unlabeled",
+            str(unlabelled),
+            "-o",
+            str(work),
+            "-device",
+            "cpu",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert _snapshot(tmp_path) == before and not work.exists()
@@ -387,7 +455,13 @@ def test_run_api_refuses_a_locator_folder_that_is_no_model(tmp_path, monkeypatch
     folders = _run_source(tmp_path / "nnunet", monkeypatch)
     before = _snapshot(tmp_path)
     with pytest.raises(InputError, match="not a trained nnU-Net model folder"):
-        run_pseudolabel(RunSettings(dataset="Dataset530_PLSource", unlabeled=str(folders["unlabelled"]),
-                                    locator=str(tmp_path / "nnunet" / "results"), device="cpu",
-                                    work_dir=str(tmp_path / "work")))
+        run_pseudolabel(
+            RunSettings(
+                dataset="Dataset530_PLSource",
+                unlabeled=str(folders["unlabelled"]),
+                locator=str(tmp_path / "nnunet" / "results"),
+                device="cpu",
+                work_dir=str(tmp_path / "work"),
+            )
+        )
     assert _snapshot(tmp_path) == before

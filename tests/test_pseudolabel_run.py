@@ -52,8 +52,12 @@ ROUND_TRAINER = "nnUNetTrainer_SAMFlareSegmenterPartialDebug"
 ROUND_LOCATOR_TRAINER = "nnUNetTrainer_SAMFlareLocatorDebug"
 CONFIDENCE = 0.1
 #: the paper's network, narrowed so that a CI training step takes about a second
-TINY_SEGMENTER = {"embed_dims": [12, 24, 48, 96], "depths": [1, 1, 1, 1], "msa_heads": [0, 0, 4, 4],
-                  "decoder_feature_size": 12}
+TINY_SEGMENTER = {
+    "embed_dims": [12, 24, 48, 96],
+    "depths": [1, 1, 1, 1],
+    "msa_heads": [0, 0, 4, 4],
+    "decoder_feature_size": 12,
+}
 UNLABELLED = {"UNL_0001": ("flare_like", "TSEX_0002"), "UNL_0002": ("tumor_pseudohu", "DLPS_0002")}
 #: the labelled cases of the source: all of flare_like and partial, two of tumor_pseudohu's six
 TUMOR_CASES = ("DLPS_0001", "DLPS_0003")
@@ -85,12 +89,46 @@ def source(tmp_path_factory) -> NnUNetFolders:
     unlabelled.mkdir()
     for case, (name, original) in UNLABELLED.items():
         shutil.copy(data_file(name, "image", original), unlabelled / f"{case}_0000.nii.gz")
-    folders.run([command("nnUNetv2_plan_and_preprocess"), "-d", str(SOURCE_ID), "-c", "3d_fullres", "-npfp", "1",
-                 "-np", "1", "--no_pp", "--no_pbar"])
+    folders.run(
+        [
+            command("nnUNetv2_plan_and_preprocess"),
+            "-d",
+            str(SOURCE_ID),
+            "-c",
+            "3d_fullres",
+            "-npfp",
+            "1",
+            "-np",
+            "1",
+            "--no_pp",
+            "--no_pbar",
+        ]
+    )
     # DCMQI_0001 has 3 slices of 1 mm: the locator grid keeps 3 mm in z so that it stays one slice thick
-    folders.run([command("samflare"), "plan", "-d", str(SOURCE_ID), "--segmenter_spacing", "3", "3", "3",
-                 "--segmenter_patch", "32", "32", "32", "--locator_spacing", "3", "6", "6", "--locator_patch", "32",
-                 "64", "64"])
+    folders.run(
+        [
+            command("samflare"),
+            "plan",
+            "-d",
+            str(SOURCE_ID),
+            "--segmenter_spacing",
+            "3",
+            "3",
+            "3",
+            "--segmenter_patch",
+            "32",
+            "32",
+            "32",
+            "--locator_spacing",
+            "3",
+            "6",
+            "6",
+            "--locator_patch",
+            "32",
+            "64",
+            "64",
+        ]
+    )
     plans_file = folders.preprocessed / SOURCE / f"{PLANS}.json"
     plans = read_json(plans_file)
     plans["configurations"]["3d_segmenter"]["architecture"]["arch_kwargs"].update(TINY_SEGMENTER)
@@ -109,10 +147,37 @@ def nnunet_paths(source, monkeypatch):
 
 
 def run_command(source: NnUNetFolders, locator: Path, work: Path, *extra: str) -> list[str]:
-    return [command("samflare"), "pseudolabel", "run", "-d", str(SOURCE_ID), "--unlabeled", str(source.unlabelled),
-            "--rounds", "2", "--folds", "2", "--confidence", str(CONFIDENCE), "--segmenter_trainer", ROUND_TRAINER,
-            "--locator_trainer", ROUND_LOCATOR_TRAINER, "--locator", str(locator), "--first_id", str(FIRST_ID),
-            "-device", "cpu", "--keep_probabilities", "-np", "1", "-o", str(work), *extra]
+    return [
+        command("samflare"),
+        "pseudolabel",
+        "run",
+        "-d",
+        str(SOURCE_ID),
+        "--unlabeled",
+        str(source.unlabelled),
+        "--rounds",
+        "2",
+        "--folds",
+        "2",
+        "--confidence",
+        str(CONFIDENCE),
+        "--segmenter_trainer",
+        ROUND_TRAINER,
+        "--locator_trainer",
+        ROUND_LOCATOR_TRAINER,
+        "--locator",
+        str(locator),
+        "--first_id",
+        str(FIRST_ID),
+        "-device",
+        "cpu",
+        "--keep_probabilities",
+        "-np",
+        "1",
+        "-o",
+        str(work),
+        *extra,
+    ]
 
 
 def segmenter_folder(source: NnUNetFolders, index: int, trainer: str = ROUND_TRAINER) -> Path:
@@ -133,8 +198,13 @@ def interrupted_run(source, trained_models, tmp_path_factory):
     fold_1 = segmenter_folder(source, 0) / "fold_1"
 
     # 1: SIGKILL (the whole process group, as a batch system or Ctrl-\ would) while fold 1 trains
-    process = subprocess.Popen(run_command(source, locator, work), env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        run_command(source, locator, work),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 600
     while not list(fold_1.glob("training_log_*.txt")):
         assert process.poll() is None, process.stdout.read().decode()
@@ -148,8 +218,9 @@ def interrupted_run(source, trained_models, tmp_path_factory):
     mtime_fold_0 = fold_0_checkpoint.stat().st_mtime_ns
 
     # 2: --num_parts 2 (a setting a re-run may change): trains fold 1, writes the part commands and waits
-    second = subprocess.run(run_command(source, locator, work, "--num_parts", "2"), env=env, capture_output=True,
-                            text=True, timeout=600)
+    second = subprocess.run(
+        run_command(source, locator, work, "--num_parts", "2"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == EXIT_WAITING_FOR_PARTS, second.stdout + second.stderr
     lines = (work / "round_1" / "predict_parts.sh").read_text(encoding="utf-8").splitlines()
     # each line is one job: every fold's predict command for that part
@@ -160,8 +231,13 @@ def interrupted_run(source, trained_models, tmp_path_factory):
             assert samflare_main(args[1:]) == 0
 
     # 3: the same command picks the parts up, votes, filters, and is killed by the test hook after 3 merged cases
-    third = subprocess.run(run_command(source, locator, work, "--num_parts", "2"),
-                           env={**env, KILL_HOOK_ENV: "r1.merge:3"}, capture_output=True, text=True, timeout=600)
+    third = subprocess.run(
+        run_command(source, locator, work, "--num_parts", "2"),
+        env={**env, KILL_HOOK_ENV: "r1.merge:3"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert third.returncode == -signal.SIGKILL, third.stdout + third.stderr
     labels_1 = source.raw / NAMES[1] / "labelsTr"
     merged_before = {p.name: p.stat().st_mtime_ns for p in labels_1.glob("*.nii.gz")}
@@ -171,9 +247,16 @@ def interrupted_run(source, trained_models, tmp_path_factory):
     last = subprocess.run(run_command(source, locator, work), env=env, capture_output=True, text=True, timeout=900)
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     return {
-        "work": work, "locator": locator, "state_1": state_1, "parts_lines": lines, "second": second.stdout,
-        "mtime_fold_0": mtime_fold_0, "fold_0_checkpoint": fold_0_checkpoint, "merged_before": merged_before,
-        "voted_before": voted_before, "stdout": last.stdout,
+        "work": work,
+        "locator": locator,
+        "state_1": state_1,
+        "parts_lines": lines,
+        "second": second.stdout,
+        "mtime_fold_0": mtime_fold_0,
+        "fold_0_checkpoint": fold_0_checkpoint,
+        "merged_before": merged_before,
+        "voted_before": voted_before,
+        "stdout": last.stdout,
     }
 
 
@@ -182,10 +265,32 @@ def test_killed_run_finishes_without_redoing_finished_steps(source, interrupted_
     state = read_json(work / "state.json")
     steps = state["steps"]
     assert len(state["invocations"]) == 4
-    expected = ["prepare", "r1.preprocess", "r1.train.0", "r1.train.1", "r1.predict", "r1.vote", "r1.filter",
-                "r1.merge", "r1.dataset", "r1.report", "r1.cleanup", "r2.preprocess", "r2.train.0", "r2.train.1",
-                "r2.predict", "r2.vote", "r2.filter", "r2.merge", "r2.dataset", "r2.report", "r2.cleanup",
-                "final.preprocess", "final.train.locator", "final.train.segmenter"]
+    expected = [
+        "prepare",
+        "r1.preprocess",
+        "r1.train.0",
+        "r1.train.1",
+        "r1.predict",
+        "r1.vote",
+        "r1.filter",
+        "r1.merge",
+        "r1.dataset",
+        "r1.report",
+        "r1.cleanup",
+        "r2.preprocess",
+        "r2.train.0",
+        "r2.train.1",
+        "r2.predict",
+        "r2.vote",
+        "r2.filter",
+        "r2.merge",
+        "r2.dataset",
+        "r2.report",
+        "r2.cleanup",
+        "final.preprocess",
+        "final.train.locator",
+        "final.train.segmenter",
+    ]
     assert list(steps) == expected
     # what the first invocation finished was never redone
     for name in interrupted_run["state_1"]["steps"]:
@@ -222,14 +327,24 @@ def test_outputs_equal_an_uninterrupted_computation_from_the_same_predictions(so
             vote_case(inputs, tmp_path / f"voted{r}", case, ".nii.gz")
             for name in (f"{case}.nii.gz", f"{case}.npz", f"{case}.pkl"):
                 assert files_equal(tmp_path / f"voted{r}" / name, round_dir / "voted" / name), (r, name)
-            filter_case(tmp_path / f"voted{r}" / f"{case}.nii.gz", tmp_path / f"voted{r}" / f"{case}.npz",
-                        tmp_path / f"filtered{r}" / f"{case}.nii.gz", CONFIDENCE, 15)
+            filter_case(
+                tmp_path / f"voted{r}" / f"{case}.nii.gz",
+                tmp_path / f"voted{r}" / f"{case}.npz",
+                tmp_path / f"filtered{r}" / f"{case}.nii.gz",
+                CONFIDENCE,
+                15,
+            )
             assert files_equal(tmp_path / f"filtered{r}" / f"{case}.nii.gz", round_dir / "filtered" / f"{case}.nii.gz")
             ground_truth = source.raw / SOURCE / "labelsTr" / f"{case}.nii.gz"
-            merge_case(ground_truth if case in partial else None, tmp_path / f"filtered{r}" / f"{case}.nii.gz",
-                       partial.get(case), tmp_path / f"merged{r}" / f"{case}.nii.gz")
-            assert files_equal(tmp_path / f"merged{r}" / f"{case}.nii.gz",
-                               source.raw / NAMES[r] / "labelsTr" / f"{case}.nii.gz")
+            merge_case(
+                ground_truth if case in partial else None,
+                tmp_path / f"filtered{r}" / f"{case}.nii.gz",
+                partial.get(case),
+                tmp_path / f"merged{r}" / f"{case}.nii.gz",
+            )
+            assert files_equal(
+                tmp_path / f"merged{r}" / f"{case}.nii.gz", source.raw / NAMES[r] / "labelsTr" / f"{case}.nii.gz"
+            )
 
 
 def test_every_round_writes_a_proper_nnunet_dataset_and_a_report(source, interrupted_run):
@@ -241,9 +356,11 @@ def test_every_round_writes_a_proper_nnunet_dataset_and_a_report(source, interru
         assert data["name"] == NAMES[r] and data["numTraining"] == LABELLED + len(UNLABELLED)
         assert data["labels"]["ignore"] == 15 and "partial_labels" not in data
         provenance = data["samflare_pseudolabel"]["label_provenance"]
-        assert provenance == {**{c: "ground_truth" for c in ("TSEX_0001", "TSEX_0002")},
-                              **{c: "ground_truth+pseudo" for c in source_json["partial_labels"]},
-                              **{c: "pseudo" for c in UNLABELLED}}
+        assert provenance == {
+            **{c: "ground_truth" for c in ("TSEX_0001", "TSEX_0002")},
+            **{c: "ground_truth+pseudo" for c in source_json["partial_labels"]},
+            **{c: "pseudo" for c in UNLABELLED},
+        }
         assert read_json(source.preprocessed / NAMES[r] / "dataset.json") == data
         for case in provenance:
             label = sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz"))
@@ -260,8 +377,11 @@ def test_every_round_writes_a_proper_nnunet_dataset_and_a_report(source, interru
         assert report["dataset"] == NAMES[r]
         assert report["cases_per_provenance"] == {"ground_truth": 2, "ground_truth+pseudo": 4, "pseudo": 2}
         assert set(report["wall_time_s"]) >= {"train.0", "train.1", "predict", "vote", "filter", "merge"}
-        ignored = sum(read_json(p)["ignored"].get(k, 0) for p in (work / f"round_{r}" / "filtered").glob("*.json")
-                      for k in map(str, range(15)))
+        ignored = sum(
+            read_json(p)["ignored"].get(k, 0)
+            for p in (work / f"round_{r}" / "filtered").glob("*.json")
+            for k in map(str, range(15))
+        )
         assert sum(report["ignored_voxels"].values()) == ignored
         assert report["changed_voxels"]["cases_compared"] == (LABELLED if r == 1 else LABELLED + len(UNLABELLED))
         assert (work / f"round_{r}" / "report.png").stat().st_size > 10_000
@@ -272,12 +392,14 @@ def test_every_round_writes_a_proper_nnunet_dataset_and_a_report(source, interru
     assert read_json(source.raw / NAMES[0] / "dataset.json")["partial_labels"] == source_json["partial_labels"]
     # after the last round: the locator and the final segmenter on the last round's labels
     for configuration, trainer in (("3d_locator", ROUND_LOCATOR_TRAINER), ("3d_segmenter", ROUND_TRAINER)):
-        assert (source.results / NAMES[2] / f"{trainer}__{PLANS}__{configuration}" / "fold_all" /
-                "checkpoint_final.pth").is_file()
+        assert (
+            source.results / NAMES[2] / f"{trainer}__{PLANS}__{configuration}" / "fold_all" / "checkpoint_final.pth"
+        ).is_file()
 
 
-def test_partial_labels_reach_the_loss_through_nnunet_data_loading(nnunet_paths, interrupted_run, monkeypatch,
-                                                                   tmp_path):
+def test_partial_labels_reach_the_loss_through_nnunet_data_loading(
+    nnunet_paths, interrupted_run, monkeypatch, tmp_path
+):
     """Round 1's trainer on D_0 (which keeps partial_labels): a real batch from nnU-Net's data loader carries its
     cases' keys, and the loss sees exactly their annotation sets."""
     from nnunet_samflare.training.partial_labels import nnUNetTrainer_SAMFlareSegmenterPartialDebug
@@ -288,7 +410,8 @@ def test_partial_labels_reach_the_loss_through_nnunet_data_loading(nnunet_paths,
     plans = read_json(preprocessed / f"{PLANS}.json")
     plans["continue_training"] = False  # nnUNetTrainer.__init__ pops it (run_training sets it)
     trainer = nnUNetTrainer_SAMFlareSegmenterPartialDebug(
-        plans, "3d_segmenter", 0, read_json(preprocessed / "dataset.json"), torch.device("cpu"))
+        plans, "3d_segmenter", 0, read_json(preprocessed / "dataset.json"), torch.device("cpu")
+    )
     trainer.initialize()
     loader, _ = trainer.get_dataloaders()
     seen = []
@@ -314,13 +437,37 @@ def test_prediction_parts_cover_every_case_once_and_equal_a_single_run(trained_m
     images.mkdir()
     for name, case in (("flare_like", "TSEX_0002"), ("partial", "DCMQI_0001"), ("tumor_pseudohu", "DLPS_0004")):
         shutil.copy(data_file(name, "image", case), images / f"{case}_0000.nii.gz")
-    models = ["--locator", str(trained_models.model_folder(LOCATOR_TRAINER, "3d_locator")),
-              "--segmenter", str(trained_models.model_folder(SEGMENTER_TRAINER, "3d_segmenter")), "-device", "cpu"]
-    assert samflare_main(["predict", "-i", str(images), "-o", str(tmp_path / "single"), "--save_probabilities",
-                          *models]) == 0
+    models = [
+        "--locator",
+        str(trained_models.model_folder(LOCATOR_TRAINER, "3d_locator")),
+        "--segmenter",
+        str(trained_models.model_folder(SEGMENTER_TRAINER, "3d_segmenter")),
+        "-device",
+        "cpu",
+    ]
+    assert (
+        samflare_main(["predict", "-i", str(images), "-o", str(tmp_path / "single"), "--save_probabilities", *models])
+        == 0
+    )
     for part in (0, 1):
-        assert samflare_main(["predict", "-i", str(images), "-o", str(tmp_path / "parts"), "--save_probabilities",
-                              "--num_parts", "2", "--part_id", str(part), *models]) == 0
+        assert (
+            samflare_main(
+                [
+                    "predict",
+                    "-i",
+                    str(images),
+                    "-o",
+                    str(tmp_path / "parts"),
+                    "--save_probabilities",
+                    "--num_parts",
+                    "2",
+                    "--part_id",
+                    str(part),
+                    *models,
+                ]
+            )
+            == 0
+        )
     written = {p.name for p in (tmp_path / "parts").glob("*.nii.gz")}
     # nnUNetv2_predict's split: sorted cases, every num_parts-th from part_id
     assert written == {"DCMQI_0001.nii.gz", "DLPS_0004.nii.gz", "TSEX_0002.nii.gz"}
@@ -329,6 +476,10 @@ def test_prediction_parts_cover_every_case_once_and_equal_a_single_run(trained_m
         assert np.array_equal(np.load(tmp_path / "parts" / f"{case}.npz")["probabilities"], single)
         assert files_equal(tmp_path / "parts" / f"{case}.nii.gz", tmp_path / "single" / f"{case}.nii.gz")
     capsys.readouterr()
-    assert samflare_main(["predict", "-i", str(images), "-o", str(tmp_path / "x"), "--num_parts", "2",
-                          "--part_id", "2", *models]) == 2
+    assert (
+        samflare_main(
+            ["predict", "-i", str(images), "-o", str(tmp_path / "x"), "--num_parts", "2", "--part_id", "2", *models]
+        )
+        == 2
+    )
     assert "--part_id must be between 0 and num_parts - 1 = 1" in capsys.readouterr().err

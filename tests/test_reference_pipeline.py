@@ -61,8 +61,13 @@ def _zscore_nonzero(volume: np.ndarray) -> np.ndarray:
 def _box(mask: np.ndarray) -> list[tuple[int, int]] | None:
     if not mask.any():
         return None
-    return [(int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))).min()),
-             int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))).max()) + 1) for k in range(3)]
+    return [
+        (
+            int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))).min()),
+            int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k))).max()) + 1,
+        )
+        for k in range(3)
+    ]
 
 
 def _slices(box):
@@ -80,8 +85,9 @@ def _phase1_input(image: np.ndarray, spacing: tuple[float, float, float]) -> dic
     coords = np.stack(np.meshgrid(*axes, indexing="ij"))
     step4 = ndimage.map_coordinates(cropped.astype(np.float64), coords, order=1, mode="nearest", prefilter=False)
     step5 = _zscore_nonzero(step4.astype(np.float32))
-    step6 = F.interpolate(torch.from_numpy(step5)[None, None], size=(128, 128, 128), mode="trilinear",
-                          align_corners=False)
+    step6 = F.interpolate(
+        torch.from_numpy(step5)[None, None], size=(128, 128, 128), mode="trilinear", align_corners=False
+    )
     return dict(crop=crop, cropped_shape=cropped.shape, step5=step5, step6=step6)
 
 
@@ -152,12 +158,20 @@ def transcribed_pipeline(image_zyx: np.ndarray, spacing_xyz, locator, segmenter)
     post = _remove_isolated_tumors(organs_kept)  # step 20
     step4 = np.zeros(p1["step5"].shape, dtype=np.uint8)  # step 21
     step4[_slices(roi)] = post[tuple(slice(0, n) for n in cropped.shape)]
-    index = [np.clip(np.rint(np.arange(n) * (s / t)).astype(int), 0, m - 1)  # step 22
-             for n, s, t, m in zip(p1["cropped_shape"], spacing_xyz, (1.5, 1.5, 2.0), step4.shape)]
+    index = [
+        np.clip(np.rint(np.arange(n) * (s / t)).astype(int), 0, m - 1)  # step 22
+        for n, s, t, m in zip(p1["cropped_shape"], spacing_xyz, (1.5, 1.5, 2.0), step4.shape)
+    ]
     full = np.zeros(image.shape, dtype=np.uint8)
     full[_slices(p1["crop"])] = step4[np.ix_(*index)]
-    return dict(labels=np.ascontiguousarray(full.transpose(2, 1, 0)), roi=roi, step4_shape=step4.shape, raw=raw,
-                organs_kept=organs_kept, post=post)
+    return dict(
+        labels=np.ascontiguousarray(full.transpose(2, 1, 0)),
+        roi=roi,
+        step4_shape=step4.shape,
+        raw=raw,
+        organs_kept=organs_kept,
+        post=post,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,8 +222,11 @@ def weights(scan, tmp_path_factory) -> dict:
         pytest.fail("no locator bias gives a non-empty ROI that fits one window")
     locator_sd[LOCATOR_HEAD_BIAS] = locator_sd[LOCATOR_HEAD_BIAS] - torch.tensor([0.0, threshold])
     folder = tmp_path_factory.mktemp("weights")
-    files = {"locator": folder / "model_stage1.pth", "segmenter": folder / "model_stage2.pth",
-             "segmenter_converted": folder / "segmenter_converted.pth"}
+    files = {
+        "locator": folder / "model_stage1.pth",
+        "segmenter": folder / "model_stage2.pth",
+        "segmenter_converted": folder / "segmenter_converted.pth",
+    }
     torch.save(locator_sd, files["locator"])
     torch.save(segmenter_sd, files["segmenter"])
     torch.save(convert_reference_state_dict(segmenter_sd, "segmenter"), files["segmenter_converted"])
@@ -235,8 +252,13 @@ def test_equals_the_transcription_voxel_for_voxel(scan, weights, expected):
     assert (expected["organs_kept"] != expected["raw"]).any(), "largest-component step removed nothing"
     assert (expected["raw"] == 14).any()
 
-    result = predict(scan, reference_pipeline=True, locator_weights=weights["locator"],
-                     segmenter_weights=weights["segmenter"], device="cpu")
+    result = predict(
+        scan,
+        reference_pipeline=True,
+        locator_weights=weights["locator"],
+        segmenter_weights=weights["segmenter"],
+        device="cpu",
+    )
     labels = sitk.GetArrayFromImage(result)
     assert labels.dtype == np.uint8
     assert labels.shape == expected["labels"].shape
@@ -250,9 +272,22 @@ def test_cli_files_in_files_out(scan, weights, expected, tmp_path, capsys):
     inputs.mkdir()
     sitk.WriteImage(scan, str(inputs / "TSEX_0001_0000.mha"))  # the format is kept: .mha in, .mha out
     out = tmp_path / "out"
-    code = main(["predict", "-i", str(inputs), "-o", str(out), "--reference_pipeline",
-                 "--locator_weights", str(weights["locator"]),
-                 "--segmenter_weights", str(weights["segmenter_converted"]), "-device", "cpu"])
+    code = main(
+        [
+            "predict",
+            "-i",
+            str(inputs),
+            "-o",
+            str(out),
+            "--reference_pipeline",
+            "--locator_weights",
+            str(weights["locator"]),
+            "--segmenter_weights",
+            str(weights["segmenter_converted"]),
+            "-device",
+            "cpu",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["TSEX_0001.mha"]
     written = sitk.ReadImage(str(out / "TSEX_0001.mha"))
@@ -275,14 +310,43 @@ def test_bad_weights_and_flags_fail_before_writing(scan, weights, tmp_path, caps
     base = ["predict", "-i", str(image), "-o", str(out), "-device", "cpu"]
     missing = tmp_path / "nowhere.pth"
     cases = [
-        (base + ["--reference_pipeline", "--locator_weights", str(missing),
-                 "--segmenter_weights", str(weights["segmenter"])], str(missing)),
+        (
+            base
+            + [
+                "--reference_pipeline",
+                "--locator_weights",
+                str(missing),
+                "--segmenter_weights",
+                str(weights["segmenter"]),
+            ],
+            str(missing),
+        ),
         # the phase-1 file where the phase-2 one belongs: named, and said what it is not
-        (base + ["--reference_pipeline", "--locator_weights", str(weights["locator"]),
-                 "--segmenter_weights", str(weights["locator"])], f"{weights['locator']}: not the authors' segmenter"),
+        (
+            base
+            + [
+                "--reference_pipeline",
+                "--locator_weights",
+                str(weights["locator"]),
+                "--segmenter_weights",
+                str(weights["locator"]),
+            ],
+            f"{weights['locator']}: not the authors' segmenter",
+        ),
         (base + ["--reference_pipeline", "--locator_weights", str(weights["locator"])], "--segmenter_weights"),
-        (base + ["--reference_pipeline", "-d", "501", "--locator_weights", str(weights["locator"]),
-                 "--segmenter_weights", str(weights["segmenter"])], "drop -d"),
+        (
+            base
+            + [
+                "--reference_pipeline",
+                "-d",
+                "501",
+                "--locator_weights",
+                str(weights["locator"]),
+                "--segmenter_weights",
+                str(weights["segmenter"]),
+            ],
+            "drop -d",
+        ),
         (base + ["--locator_weights", str(weights["locator"])], "are for --reference_pipeline"),
     ]
     for argv, needle in cases:
@@ -292,8 +356,11 @@ def test_bad_weights_and_flags_fail_before_writing(scan, weights, tmp_path, caps
         assert not out.exists(), f"{argv} wrote {out}"
     text = tmp_path / "weights.pth"
     text.write_text("not a checkpoint", encoding="utf-8")
-    code, err = _cli_error(base + ["--reference_pipeline", "--locator_weights", str(text),
-                                   "--segmenter_weights", str(weights["segmenter"])], capsys)
+    code, err = _cli_error(
+        base
+        + ["--reference_pipeline", "--locator_weights", str(text), "--segmenter_weights", str(weights["segmenter"])],
+        capsys,
+    )
     assert code == 2 and len(err.splitlines()) == 1 and str(text) in err and not out.exists()
 
 

@@ -31,8 +31,7 @@ def cli(models):
     """``samflare predict`` in this process with the toy models; returns (exit code, stderr lines)."""
 
     def run(capsys, *args: str) -> tuple[int, list[str]]:
-        code = main(["predict", *args, "--locator", str(models[0]), "--segmenter", str(models[1]),
-                     "-device", "cpu"])
+        code = main(["predict", *args, "--locator", str(models[0]), "--segmenter", str(models[1]), "-device", "cpu"])
         return code, capsys.readouterr().err.strip().splitlines()
 
     return run
@@ -232,8 +231,21 @@ def test_every_folder_entry_point_validates_case_by_case(models, tmp_path, capsy
     metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert set(metrics["cases"]) == {"a", "b"} and set(metrics["summary"]["failed_cases"]) == {"c"}
     # locate refuses the same output-folder mistakes as predict
-    code = main(["locate", "-i", str(labels), "-o", str(labels / "roi"), "--locator", str(models[0]),
-                 "--segmenter", str(models[1]), "-device", "cpu"])
+    code = main(
+        [
+            "locate",
+            "-i",
+            str(labels),
+            "-o",
+            str(labels / "roi"),
+            "--locator",
+            str(models[0]),
+            "--segmenter",
+            str(models[1]),
+            "-device",
+            "cpu",
+        ]
+    )
     assert code == EXIT_BAD_INPUT and "inside the input folder" in capsys.readouterr().err
 
 
@@ -266,8 +278,19 @@ def test_locate_validates_every_case_before_loading_the_models(models, tmp_path,
     images = tmp_path / "images"
     write(scan(seed=3), images / "a_0000.nii.gz")
     zero_spacing_nifti(images / "b_0000.nii.gz")
-    args = ["locate", "-i", str(images), "-o", str(tmp_path / "roi"), "--locator", str(models[0]),
-            "--segmenter", str(models[1]), "-device", "cpu"]
+    args = [
+        "locate",
+        "-i",
+        str(images),
+        "-o",
+        str(tmp_path / "roi"),
+        "--locator",
+        str(models[0]),
+        "--segmenter",
+        str(models[1]),
+        "-device",
+        "cpu",
+    ]
     with monkeypatch.context() as patch:  # only a bad case: refused before any model is loaded
         patch.setattr(api, "build_predictor", never)
         assert main([*args, "--fail-fast"]) == EXIT_BAD_INPUT
@@ -281,5 +304,6 @@ def test_locate_validates_every_case_before_loading_the_models(models, tmp_path,
 def test_a_scan_thinner_than_half_a_model_voxel_is_refused(models):
     # found by the property tests: 0.3 mm along z has no voxel on the locator's 8 mm grid
     with pytest.raises(ValueError, match="too thin for the locator: 0.3 mm along z"):
-        api.predict(scan(shape_zyx=(1, 6, 6), spacing=(4.0, 4.0, 0.3)), locator=models[0], segmenter=models[1],
-                    device="cpu")
+        api.predict(
+            scan(shape_zyx=(1, 6, 6), spacing=(4.0, 4.0, 0.3)), locator=models[0], segmenter=models[1], device="cpu"
+        )

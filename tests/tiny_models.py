@@ -23,15 +23,45 @@ from nnunet_samflare.training.names import (
 )
 from nnunet_samflare.training.trainers import binary_foreground_dataset_json
 
-LOCATOR_ARCH = {"embed_dim": 8, "depths": [1, 1], "mlp_ratio": 1.0, "n_div": 4, "decoder_dim": 8,
-                "drop_path_rate": 0.0, "patch_size": 2}  # input divisor 4
-SEGMENTER_ARCH = {"embed_dims": [12, 24], "depths": [1, 1], "sam_heads": [3, 3], "msa_heads": [0, 2],
-                  "mlp_ratios": [1.0, 1.0], "qkv_bias": True, "expand_ratio": 1, "decoder_feature_size": 8,
-                  "drop_path_rate": 0.0, "deep_supervision_heads": False}  # input divisor 4
+LOCATOR_ARCH = {
+    "embed_dim": 8,
+    "depths": [1, 1],
+    "mlp_ratio": 1.0,
+    "n_div": 4,
+    "decoder_dim": 8,
+    "drop_path_rate": 0.0,
+    "patch_size": 2,
+}  # input divisor 4
+SEGMENTER_ARCH = {
+    "embed_dims": [12, 24],
+    "depths": [1, 1],
+    "sam_heads": [3, 3],
+    "msa_heads": [0, 2],
+    "mlp_ratios": [1.0, 1.0],
+    "qkv_bias": True,
+    "expand_ratio": 1,
+    "decoder_feature_size": 8,
+    "drop_path_rate": 0.0,
+    "deep_supervision_heads": False,
+}  # input divisor 4
 
-LABELS = {"background": 0, "liver": 1, "right kidney": 2, "spleen": 3, "pancreas": 4, "aorta": 5,
-          "inferior vena cava": 6, "right adrenal gland": 7, "left adrenal gland": 8, "gallbladder": 9,
-          "esophagus": 10, "stomach": 11, "duodenum": 12, "left kidney": 13, "tumor": 14}
+LABELS = {
+    "background": 0,
+    "liver": 1,
+    "right kidney": 2,
+    "spleen": 3,
+    "pancreas": 4,
+    "aorta": 5,
+    "inferior vena cava": 6,
+    "right adrenal gland": 7,
+    "left adrenal gland": 8,
+    "gallbladder": 9,
+    "esophagus": 10,
+    "stomach": 11,
+    "duodenum": 12,
+    "left kidney": 13,
+    "tumor": 14,
+}
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": 2, "file_ending": ".nii.gz"}
 
 _RESAMPLING = {
@@ -55,8 +85,11 @@ def _configuration(name: str, spacing: list[float], network: type, arch: dict) -
         "normalization_schemes": ["CTNormalization"],
         "use_mask_for_norm": [False],
         **copy.deepcopy(_RESAMPLING),
-        "architecture": {"network_class_name": f"nnunet_samflare.networks.{network.__name__}",
-                         "arch_kwargs": dict(arch), "_kw_requires_import": []},
+        "architecture": {
+            "network_class_name": f"nnunet_samflare.networks.{network.__name__}",
+            "arch_kwargs": dict(arch),
+            "_kw_requires_import": [],
+        },
         "batch_dice": True,
     }
 
@@ -73,13 +106,21 @@ def plans() -> dict:
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
         "foreground_intensity_properties_per_channel": {
-            "0": {"max": 1200.0, "mean": 40.0, "median": 40.0, "min": -1000.0, "percentile_00_5": -400.0,
-                  "percentile_99_5": 300.0, "std": 70.0}
+            "0": {
+                "max": 1200.0,
+                "mean": 40.0,
+                "median": 40.0,
+                "min": -1000.0,
+                "percentile_00_5": -400.0,
+                "percentile_99_5": 300.0,
+                "std": 70.0,
+            }
         },
         "configurations": {
             LOCATOR_CONFIGURATION: _configuration(LOCATOR_CONFIGURATION, [8.0, 8.0, 8.0], PConvLocator, LOCATOR_ARCH),
-            SEGMENTER_CONFIGURATION: _configuration(SEGMENTER_CONFIGURATION, [4.0, 4.0, 4.0], SAMHybridUNet,
-                                                    SEGMENTER_ARCH),
+            SEGMENTER_CONFIGURATION: _configuration(
+                SEGMENTER_CONFIGURATION, [4.0, 4.0, 4.0], SAMHybridUNet, SEGMENTER_ARCH
+            ),
         },
     }
 
@@ -92,8 +133,13 @@ def _write_model(folder: Path, configuration: str, trainer: str, dataset_json: d
     checkpoint = {
         "network_weights": network.state_dict(),
         "trainer_name": trainer,
-        "init_args": {"plans": plan, "configuration": configuration, "fold": "all", "dataset_json": dataset_json,
-                      "device": "cpu"},
+        "init_args": {
+            "plans": plan,
+            "configuration": configuration,
+            "fold": "all",
+            "dataset_json": dataset_json,
+            "device": "cpu",
+        },
         "current_epoch": 0,
         "inference_allowed_mirroring_axes": (0, 1),
     }
@@ -112,8 +158,18 @@ def make_tiny_models(root: Path, seed: int = 0) -> tuple[Path, Path]:
     segmenter = SAMHybridUNet(1, len(LABELS), False, **SEGMENTER_ARCH)
     name = f"__{DEFAULT_PLANS_NAME}__"
     return (
-        _write_model(root / f"{LOCATOR_TRAINER}{name}{LOCATOR_CONFIGURATION}", LOCATOR_CONFIGURATION,
-                     LOCATOR_TRAINER, locator_json, locator.eval()),
-        _write_model(root / f"{SEGMENTER_TRAINER}{name}{SEGMENTER_CONFIGURATION}", SEGMENTER_CONFIGURATION,
-                     SEGMENTER_TRAINER, DATASET_JSON, segmenter.eval()),
+        _write_model(
+            root / f"{LOCATOR_TRAINER}{name}{LOCATOR_CONFIGURATION}",
+            LOCATOR_CONFIGURATION,
+            LOCATOR_TRAINER,
+            locator_json,
+            locator.eval(),
+        ),
+        _write_model(
+            root / f"{SEGMENTER_TRAINER}{name}{SEGMENTER_CONFIGURATION}",
+            SEGMENTER_CONFIGURATION,
+            SEGMENTER_TRAINER,
+            DATASET_JSON,
+            segmenter.eval(),
+        ),
     )

@@ -18,34 +18,50 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
     g.add_argument("--segmenter", metavar="DIR", help="segmenter model folder (overrides -d/-p/--segmenter_trainer)")
     g.add_argument("-f", dest="folds", nargs="+", help="folds to use, e.g. 0 1 2 3 4 or all (default: all found)")
     g.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="default: %(default)s")
-    g.add_argument("-device", dest="device", choices=("cuda", "cpu", "mps"),
-                   help="default: cuda if available, else mps, else cpu")
+    g.add_argument(
+        "-device", dest="device", choices=("cuda", "cpu", "mps"), help="default: cuda if available, else mps, else cpu"
+    )
     s = p.add_argument_group("inference settings (defaults follow the paper: docs/method.md §11.5)")
     s.add_argument("--margin_mm", type=float, help="margin around the located box, mm (default: 10)")
     if not segmenter_settings:
         return
     s.add_argument("--step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (nnU-Net's; off by default)")
-    s.add_argument("--disable_tta", action="store_true",
-                   help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work")
+    s.add_argument(
+        "--disable_tta",
+        action="store_true",
+        help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work",
+    )
     s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
     s.add_argument("--tile_batch", type=int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)")
-    s.add_argument("--fast", action="store_true",
-                   help="segmenter in channels-last memory format: the same function, ~2x faster on a CPU, but its "
-                   "float rounding differs from stock nnUNetv2_predict's (labels may differ at a few voxels)")
+    s.add_argument(
+        "--fast",
+        action="store_true",
+        help="segmenter in channels-last memory format: the same function, ~2x faster on a CPU, but its "
+        "float rounding differs from stock nnUNetv2_predict's (labels may differ at a few voxels)",
+    )
 
 
 def add_fail_fast_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fail-fast", dest="fail_fast", action="store_true",
-                   help="stop at the first bad case (default: go on with the others, list the failures at the end "
-                   "and exit with code 2, or 3 if one ran out of memory)")
+    p.add_argument(
+        "--fail-fast",
+        dest="fail_fast",
+        action="store_true",
+        help="stop at the first bad case (default: go on with the others, list the failures at the end "
+        "and exit with code 2, or 3 if one ran out of memory)",
+    )
 
 
 def predictor_options(args: argparse.Namespace) -> dict:
     """The :func:`nnunet_samflare.inference.api.build_predictor` options of these flags (the defaults for flags a
     command does not offer)."""
     defaults = {
-        "step_size": 0.5, "tta": False, "disable_tta": False, "gaussian": False, "tile_batch": None, "fast": False
+        "step_size": 0.5,
+        "tta": False,
+        "disable_tta": False,
+        "gaussian": False,
+        "tile_batch": None,
+        "fast": False,
     }
     args = argparse.Namespace(**{**defaults, **vars(args)})
     if args.tta and args.disable_tta:

@@ -21,13 +21,22 @@ def add_reference_arguments(p: argparse.ArgumentParser) -> None:
         "the authors' published pipeline (docs/method.md §5): for THEIR weights only; models trained with this "
         "plug-in use nnU-Net's preprocessing and the default path"
     )
-    g.add_argument("--reference_pipeline", action="store_true",
-                   help="run the authors' inference exactly (percentile scaling, 1.5x1.5x2 mm, locator at 128^3, "
-                   "ROI without margin, MONAI sliding window); needs --locator_weights and --segmenter_weights")
-    g.add_argument("--locator_weights", metavar="FILE",
-                   help="phase-1 weights: the authors' checkpoint, or its samflare convert-weights output")
-    g.add_argument("--segmenter_weights", metavar="FILE",
-                   help="phase-2 weights: the authors' checkpoint, or its samflare convert-weights output")
+    g.add_argument(
+        "--reference_pipeline",
+        action="store_true",
+        help="run the authors' inference exactly (percentile scaling, 1.5x1.5x2 mm, locator at 128^3, "
+        "ROI without margin, MONAI sliding window); needs --locator_weights and --segmenter_weights",
+    )
+    g.add_argument(
+        "--locator_weights",
+        metavar="FILE",
+        help="phase-1 weights: the authors' checkpoint, or its samflare convert-weights output",
+    )
+    g.add_argument(
+        "--segmenter_weights",
+        metavar="FILE",
+        help="phase-2 weights: the authors' checkpoint, or its samflare convert-weights output",
+    )
     flags = {a.dest: a.option_strings[0] for a in p._actions if a.option_strings}
     p.set_defaults(_cascade_defaults={dest: (flags[dest], p.get_default(dest)) for dest in _CASCADE_ONLY})
 

@@ -16,25 +16,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("ref_dir", metavar="REF_DIR", help="reference label maps (<case>.nii.gz, ...)")
     parser.add_argument("pred_dir", metavar="PRED_DIR", help="predicted label maps with the same case names")
-    parser.add_argument("-o", "--output", metavar="JSON", help="where to write the metrics "
-                        "(default: PRED_DIR/metrics.json)")
-    parser.add_argument("--labels", nargs="+", default=["1..14"], metavar="L",
-                        help="label ids: a list (1 2 5), ranges (1..14 or 1-14) or both (default: 1..14)")
-    parser.add_argument("--nsd-cutoff", type=float, default=0.2, metavar="DSC",
-                        help="NSD is 0 where the DSC is below this (default 0.2, the evaluator today; FLARE23 "
-                        "used 0.1)")
-    parser.add_argument("--no-slab-quirk", action="store_true",
-                        help="keep the top-most labelled slice in the aorta/IVC/esophagus slab (the official "
-                        "evaluator leaves it out)")
-    parser.add_argument("--dataset-json", metavar="FILE", help="dataset.json with partial_labels (default: "
-                        "dataset.json in REF_DIR or its parent, if any)")
+    parser.add_argument(
+        "-o", "--output", metavar="JSON", help="where to write the metrics (default: PRED_DIR/metrics.json)"
+    )
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        default=["1..14"],
+        metavar="L",
+        help="label ids: a list (1 2 5), ranges (1..14 or 1-14) or both (default: 1..14)",
+    )
+    parser.add_argument(
+        "--nsd-cutoff",
+        type=float,
+        default=0.2,
+        metavar="DSC",
+        help="NSD is 0 where the DSC is below this (default 0.2, the evaluator today; FLARE23 used 0.1)",
+    )
+    parser.add_argument(
+        "--no-slab-quirk",
+        action="store_true",
+        help="keep the top-most labelled slice in the aorta/IVC/esophagus slab (the official evaluator leaves it out)",
+    )
+    parser.add_argument(
+        "--dataset-json",
+        metavar="FILE",
+        help="dataset.json with partial_labels (default: dataset.json in REF_DIR or its parent, if any)",
+    )
     parser.add_argument("--plot", metavar="PNG", help="also save a per-organ DSC/NSD box plot")
-    parser.add_argument("--on-missing", choices=("zero", "error"), default="zero",
-                        help="a reference case without prediction: score 0 (FLARE, default) or stop")
-    parser.add_argument("-np", "--num-processes", type=int, default=1, metavar="N",
-                        help="cases scored in parallel (default 1)")
-    parser.add_argument("--fail-fast", action="store_true",
-                        help="stop at the first bad file (default: score the other cases, list the failures, exit 2)")
+    parser.add_argument(
+        "--on-missing",
+        choices=("zero", "error"),
+        default="zero",
+        help="a reference case without prediction: score 0 (FLARE, default) or stop",
+    )
+    parser.add_argument(
+        "-np", "--num-processes", type=int, default=1, metavar="N", help="cases scored in parallel (default 1)"
+    )
+    parser.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop at the first bad file (default: score the other cases, list the failures, exit 2)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -71,8 +94,11 @@ def run(args: argparse.Namespace) -> int:
     for case, why in failed.items():
         print(f"samflare evaluate: error: {case}: {why}", file=sys.stderr)
     if failed:
-        print(f"samflare evaluate: error: {len(failed)} of {len(failed) + len(result['cases'])} case(s) could not "
-              "be scored", file=sys.stderr)
+        print(
+            f"samflare evaluate: error: {len(failed)} of {len(failed) + len(result['cases'])} case(s) could not "
+            "be scored",
+            file=sys.stderr,
+        )
         from nnunet_samflare.errors import EXIT_BAD_INPUT
 
         return EXIT_BAD_INPUT

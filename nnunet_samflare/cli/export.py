@@ -18,8 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("-p", dest="plans", default=DEFAULT_PLANS_NAME, help="plans identifier (default: %(default)s)")
     e.add_argument("--locator_trainer", default=LOCATOR_TRAINER, help="default: %(default)s")
     e.add_argument("--segmenter_trainer", default=SEGMENTER_TRAINER, help="default: %(default)s")
-    e.add_argument("-f", dest="folds", nargs="+", help="folds to pack, e.g. 0 1 2 3 4 or all (default: every fold "
-                   "that holds the checkpoint, per phase)")
+    e.add_argument(
+        "-f",
+        dest="folds",
+        nargs="+",
+        help="folds to pack, e.g. 0 1 2 3 4 or all (default: every fold that holds the checkpoint, per phase)",
+    )
     e.add_argument("-chk", dest="checkpoint", default="checkpoint_final.pth", help="default: %(default)s")
     e.set_defaults(func=_export)
 

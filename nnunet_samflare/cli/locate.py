@@ -28,7 +28,13 @@ def _run(args: argparse.Namespace) -> int:
 
     options = predictor_options(args)
     grids = CascadeGrids.from_model_folders(*model_folders(**options))  # plans only: no checkpoint loaded yet
-    records = locate_to_folder(lambda: build_predictor(**options), args.input, args.output, args.continue_prediction,
-                               args.fail_fast, grids=grids)
+    records = locate_to_folder(
+        lambda: build_predictor(**options),
+        args.input,
+        args.output,
+        args.continue_prediction,
+        args.fail_fast,
+        grids=grids,
+    )
     print(f"{len(records)} case(s) located in {args.output}")
     return 0

@@ -19,13 +19,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "first). Spacings and patch sizes are given in (z, y, x) order.",
     )
     p.add_argument("-d", dest="dataset", required=True, help="dataset name or id")
-    p.add_argument("-p", dest="source_plans", default=DEFAULT_SOURCE_PLANS_NAME,
-                   help="source plans identifier, e.g. nnUNetPlans or nnUNetResEncUNetMPlans (default: %(default)s)")
-    p.add_argument("-o", "--plans_name", default=DEFAULT_PLANS_NAME,
-                   help="output plans identifier (default: %(default)s)")
+    p.add_argument(
+        "-p",
+        dest="source_plans",
+        default=DEFAULT_SOURCE_PLANS_NAME,
+        help="source plans identifier, e.g. nnUNetPlans or nnUNetResEncUNetMPlans (default: %(default)s)",
+    )
+    p.add_argument(
+        "-o", "--plans_name", default=DEFAULT_PLANS_NAME, help="output plans identifier (default: %(default)s)"
+    )
     p.add_argument("--locator_patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help="default 128 128 128")
-    p.add_argument("--locator_spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                   help="default: median physical extent / patch, never finer than the median spacing")
+    p.add_argument(
+        "--locator_spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="default: median physical extent / patch, never finer than the median spacing",
+    )
     p.add_argument("--segmenter_patch", type=int, nargs=3, metavar=("Z", "Y", "X"), help="default 96 96 96")
     p.add_argument("--segmenter_spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="default 2.0 1.5 1.5")
     p.add_argument("--batch_size", type=int, help="batch size of both configurations (default 2)")

@@ -19,22 +19,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_fail_fast_argument(p)
     add_model_arguments(p)
     o = p.add_argument_group("outputs")
-    o.add_argument("--save_probabilities", action="store_true",
-                   help="also <case>.npz (class probabilities, float32, full size) and <case>.pkl like nnU-Net")
-    o.add_argument("--continue_prediction", action="store_true",
-                   help="skip cases whose outputs exist; redo half-written ones")
+    o.add_argument(
+        "--save_probabilities",
+        action="store_true",
+        help="also <case>.npz (class probabilities, float32, full size) and <case>.pkl like nnU-Net",
+    )
+    o.add_argument(
+        "--continue_prediction", action="store_true", help="skip cases whose outputs exist; redo half-written ones"
+    )
     o.add_argument("--stats", action="store_true", help="also <case>_stats.json: per-label volume (mL) and mean HU")
     o.add_argument("--preview", action="store_true", help="also <case>_preview.png: axial + coronal overlay")
-    o.add_argument("--no_postprocessing", action="store_true",
-                   help="skip largest-component and isolated-tumour post-processing")
-    o.add_argument("--num_parts", type=int, default=1,
-                   help="split the cases into this many parts, as nnUNetv2_predict does (one job per part)")
+    o.add_argument(
+        "--no_postprocessing", action="store_true", help="skip largest-component and isolated-tumour post-processing"
+    )
+    o.add_argument(
+        "--num_parts",
+        type=int,
+        default=1,
+        help="split the cases into this many parts, as nnUNetv2_predict does (one job per part)",
+    )
     o.add_argument("--part_id", type=int, default=0, help="which part this job predicts, 0 .. num_parts - 1")
     w = p.add_argument_group("overlap of consecutive cases (nnUNetv2_predict's flags; background threads here)")
-    w.add_argument("-npp", dest="npp", type=int, default=0,
-                   help="cases read (and checked) ahead while the models work on the current one (default: 0)")
-    w.add_argument("-nps", dest="nps", type=int, default=0,
-                   help="finished cases written in the background (default: 0)")
+    w.add_argument(
+        "-npp",
+        dest="npp",
+        type=int,
+        default=0,
+        help="cases read (and checked) ahead while the models work on the current one (default: 0)",
+    )
+    w.add_argument(
+        "-nps", dest="nps", type=int, default=0, help="finished cases written in the background (default: 0)"
+    )
     add_reference_arguments(p)
     p.set_defaults(func=_run)
 

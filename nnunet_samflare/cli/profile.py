@@ -24,15 +24,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "All other options are predict's (e.g. -d DATASET, -f, -device, --locator DIR --segmenter DIR).",
         allow_abbrev=False,  # an abbreviation could swallow a predict option
     )
-    parser.add_argument("-i", dest="images", required=True, metavar="IMAGES",
-                        help="folder of <case>_0000 images (or one image file)")
+    parser.add_argument(
+        "-i", dest="images", required=True, metavar="IMAGES", help="folder of <case>_0000 images (or one image file)"
+    )
     parser.add_argument("-o", dest="output_dir", required=True, metavar="OUT", help="prediction folder")
-    parser.add_argument("--report-dir", metavar="DIR",
-                        help="where profile.json, profile.csv, the PNGs and logs go (default: OUT)")
-    parser.add_argument("--sample-interval", type=float, default=0.1, metavar="S",
-                        help="sampling interval in seconds (FLARE: 0.1)")
-    parser.add_argument("--case-timeout", type=float, metavar="S",
-                        help="kill a case after this many seconds (reported as failed)")
+    parser.add_argument(
+        "--report-dir", metavar="DIR", help="where profile.json, profile.csv, the PNGs and logs go (default: OUT)"
+    )
+    parser.add_argument(
+        "--sample-interval", type=float, default=0.1, metavar="S", help="sampling interval in seconds (FLARE: 0.1)"
+    )
+    parser.add_argument(
+        "--case-timeout", type=float, metavar="S", help="kill a case after this many seconds (reported as failed)"
+    )
     parser.add_argument("--no-gpu", action="store_true", help="do not sample GPU memory")
     # The CLI hands the options it does not know to this command (extra_args) instead of refusing them.
     parser.set_defaults(func=run, pass_through=True, extra_args=[])
@@ -78,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile written to {report_dir}/profile.json and profile.csv")
     failed = result["summary"]["failed_cases"]
     if failed:
-        print(f"samflare profile: {len(failed)} case(s) failed: {', '.join(failed)} (see their logs)",
-              file=sys.stderr)
+        print(f"samflare profile: {len(failed)} case(s) failed: {', '.join(failed)} (see their logs)", file=sys.stderr)
         return 1
     return 0

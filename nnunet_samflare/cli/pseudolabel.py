@@ -37,37 +37,72 @@ def _register_run(commands: argparse._SubParsersAction) -> None:
         "samflare plan. Exit code 75: prediction parts (--num_parts) are still missing.",
     )
     p.add_argument("-d", dest="dataset", required=True, help="the labelled (partially labelled) dataset, name or id")
-    p.add_argument("--unlabeled", metavar="DIR",
-                   help="folder of unlabelled scans (<case>_0000<ending> or <case><ending>, the dataset's ending)")
+    p.add_argument(
+        "--unlabeled",
+        metavar="DIR",
+        help="folder of unlabelled scans (<case>_0000<ending> or <case><ending>, the dataset's ending)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="pseudo-label rounds (default: %(default)s, as the paper)")
     p.add_argument("--folds", type=int, default=2, help="fold models per round (default: %(default)s, as the paper)")
-    p.add_argument("--confidence", type=float,
-                   help="voxels whose voted winning probability is below this become the ignore label "
-                   "(max label + 1); default: no confidence filtering")
-    p.add_argument("--warm-start", "--warm_start", dest="warm_start", action="store_true",
-                   help="start round r+1's fold k (and the final segmenter) from round r's weights")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        help="voxels whose voted winning probability is below this become the ignore label "
+        "(max label + 1); default: no confidence filtering",
+    )
+    p.add_argument(
+        "--warm-start",
+        "--warm_start",
+        dest="warm_start",
+        action="store_true",
+        help="start round r+1's fold k (and the final segmenter) from round r's weights",
+    )
     p.add_argument("-p", dest="plans", default=DEFAULT_PLANS_NAME, help="plans identifier (default: %(default)s)")
-    p.add_argument("--segmenter_trainer",
-                   help="trainer of the round segmenters (default: nnUNetTrainer_SAMFlareSegmenterPartial)")
+    p.add_argument(
+        "--segmenter_trainer", help="trainer of the round segmenters (default: nnUNetTrainer_SAMFlareSegmenterPartial)"
+    )
     p.add_argument("--final_segmenter_trainer", help="trainer of the final segmenter (default: --segmenter_trainer)")
     p.add_argument("--locator_trainer", default=LOCATOR_TRAINER, help="default: %(default)s")
-    p.add_argument("--locator", metavar="DIR",
-                   help="a trained locator model folder for the rounds' predictions (default: train one on the "
-                   "labelled data first)")
-    p.add_argument("--first_id", type=int, help="dataset id of round 1's training data; the rounds use the next ids "
-                   "(default: the dataset's id + 100)")
-    p.add_argument("-o", dest="work_dir", metavar="DIR",
-                   help="work folder (default: $nnUNet_results/<dataset>/samflare_pseudolabel)")
-    p.add_argument("--no_postprocessing", action="store_true",
-                   help="do not apply the paper's post-processing to the pseudo labels")
+    p.add_argument(
+        "--locator",
+        metavar="DIR",
+        help="a trained locator model folder for the rounds' predictions (default: train one on the "
+        "labelled data first)",
+    )
+    p.add_argument(
+        "--first_id",
+        type=int,
+        help="dataset id of round 1's training data; the rounds use the next ids (default: the dataset's id + 100)",
+    )
+    p.add_argument(
+        "-o",
+        dest="work_dir",
+        metavar="DIR",
+        help="work folder (default: $nnUNet_results/<dataset>/samflare_pseudolabel)",
+    )
+    p.add_argument(
+        "--no_postprocessing", action="store_true", help="do not apply the paper's post-processing to the pseudo labels"
+    )
     p.add_argument("-device", dest="device", choices=("cuda", "cpu", "mps"), help="default: cuda if available")
-    p.add_argument("--num_parts", type=int, default=1,
-                   help="split each round's prediction into N jobs: the run writes their command lines "
-                   "(round_<r>/predict_parts.sh) and continues once all their outputs are there")
-    p.add_argument("--keep_probabilities", action="store_true",
-                   help="keep the rounds' .npz probability files (large) instead of deleting them after the round")
-    p.add_argument("-np", dest="num_processes", type=int, default=4,
-                   help="processes for nnUNetv2_preprocess (default: %(default)s)")
+    p.add_argument(
+        "--num_parts",
+        type=int,
+        default=1,
+        help="split each round's prediction into N jobs: the run writes their command lines "
+        "(round_<r>/predict_parts.sh) and continues once all their outputs are there",
+    )
+    p.add_argument(
+        "--keep_probabilities",
+        action="store_true",
+        help="keep the rounds' .npz probability files (large) instead of deleting them after the round",
+    )
+    p.add_argument(
+        "-np",
+        dest="num_processes",
+        type=int,
+        default=4,
+        help="processes for nnUNetv2_preprocess (default: %(default)s)",
+    )
     p.set_defaults(func=_run)
 
 
@@ -82,8 +117,12 @@ def _register_merge(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--gt", dest="ground_truth", required=True, metavar="LABELS", help="ground-truth label maps")
     p.add_argument("--pseudo", required=True, metavar="PRED", help="pseudo label maps")
     p.add_argument("-o", dest="output", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--dataset-json", "--dataset_json", dest="dataset_json",
-                   help="where partial_labels come from (default: dataset.json in or above LABELS)")
+    p.add_argument(
+        "--dataset-json",
+        "--dataset_json",
+        dest="dataset_json",
+        help="where partial_labels come from (default: dataset.json in or above LABELS)",
+    )
     p.set_defaults(func=_merge)
 
 

@@ -102,8 +102,9 @@ def parse_label_spec(tokens: str | int | Iterable[str | int]) -> tuple[int, ...]
     """Label ids from ``"1..14"``, ``"1-14"``, ``"1,2,5"``, ``["1", "2"]`` or ints (any mix, order kept)."""
     if isinstance(tokens, (str, int)):
         tokens = [tokens]
-    labels = [label for token in tokens for part in str(token).replace(",", " ").split()
-              for label in _label_range(part)]
+    labels = [
+        label for token in tokens for part in str(token).replace(",", " ").split() for label in _label_range(part)
+    ]
     if not labels:
         raise InputError(None, "no label ids given")
     if any(label <= 0 for label in labels):
@@ -157,8 +158,9 @@ def _score_case(task: tuple[str, Path, Path | None, dict[str, Any]]) -> tuple[st
     labels, annotated = options["labels"], options["annotated"]
     if prediction_file is None:
         present = [int(v) for v in np.unique(read_label_array(reference_file)[0]) if v != 0]
-        metrics = {lb: (None if annotated is not None and lb not in annotated else {"DSC": 0.0, "NSD": 0.0})
-                   for lb in labels}
+        metrics = {
+            lb: (None if annotated is not None and lb not in annotated else {"DSC": 0.0, "NSD": 0.0}) for lb in labels
+        }
     else:
         metrics, present = evaluate_case_files(
             reference_file,
@@ -277,10 +279,16 @@ def evaluate_folders(
     dataset_file = find_dataset_json(ref_dir, dataset_json)
     partial = load_partial_labels(dataset_file)
 
-    options = {"labels": labels, "nsd_cutoff": nsd_cutoff, "official_slab_quirk": official_slab_quirk,
-               "tolerances_mm": tolerances}
-    tasks = [(case, ref, predictions.get(case), {**options, "annotated": partial.get(case)})
-             for case, ref in references.items()]
+    options = {
+        "labels": labels,
+        "nsd_cutoff": nsd_cutoff,
+        "official_slab_quirk": official_slab_quirk,
+        "tolerances_mm": tolerances,
+    }
+    tasks = [
+        (case, ref, predictions.get(case), {**options, "annotated": partial.get(case)})
+        for case, ref in references.items()
+    ]
     if output_file is not None:
         check_output_folder(Path(output_file).parent)  # before the scoring, not after it
     if num_processes > 1 and len(tasks) > 1:
@@ -341,8 +349,12 @@ def format_table(result: Mapping) -> str:
         return f"{name:{width}}  {n!s:>3}  {dsc:^17} | {nsd:^17}"
 
     def label_row(entry: Mapping, name: str | None = None) -> str:
-        return row(name or entry["name"], entry["n"], _cell(entry["DSC_mean"], entry["DSC_std"]),
-                   _cell(entry["NSD_mean"], entry["NSD_std"]))
+        return row(
+            name or entry["name"],
+            entry["n"],
+            _cell(entry["DSC_mean"], entry["DSC_std"]),
+            _cell(entry["NSD_mean"], entry["NSD_std"]),
+        )
 
     lines += [label_row(entry) for key, entry in per_label.items() if int(key) in ORGAN_LABELS]
     if summary["organ_labels_averaged"]:

@@ -113,33 +113,54 @@ class SmiSampler:
 
     stale_s = 5.0
 
-    def __init__(self, executable: str, device: int | str, description: dict[str, Any],
-                 interval_s: float = SAMPLE_INTERVAL_S):
+    def __init__(
+        self, executable: str, device: int | str, description: dict[str, Any], interval_s: float = SAMPLE_INTERVAL_S
+    ):
         self.description = description
         self._latest: tuple[float, float] | None = None  # (MiB, time.monotonic())
         self._message = ""  # the last line that was not a number (nvidia-smi's error, if any)
         self._first = threading.Event()
         period_ms = max(1, round(interval_s * 1000))
         self._stream = subprocess.Popen(
-            [executable, "-i", str(device), "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-             "-lms", str(period_ms)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+            [
+                executable,
+                "-i",
+                str(device),
+                "--query-gpu=memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                str(period_ms),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
         )
         self._reader = threading.Thread(target=self._read, name="nvidia-smi reader", daemon=True)
         self._reader.start()
 
     @classmethod
-    def open(cls, device: int | str, *, interval_s: float = SAMPLE_INTERVAL_S, executable: str = "nvidia-smi",
-             timeout_s: float = 30.0) -> tuple[SmiSampler | None, str | None]:
+    def open(
+        cls,
+        device: int | str,
+        *,
+        interval_s: float = SAMPLE_INTERVAL_S,
+        executable: str = "nvidia-smi",
+        timeout_s: float = 30.0,
+    ) -> tuple[SmiSampler | None, str | None]:
         """A streaming sampler for ``device`` (index or UUID, as ``nvidia-smi -i`` takes them) once its first
         reading arrived, or (None, why not). Never raises."""
         path = shutil.which(executable)
         if path is None:
             return None, f"{executable} is not on PATH"
         try:
-            info = subprocess.run([path, "-i", str(device), "--query-gpu=name,memory.total",
-                                   "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                                  timeout=timeout_s, stdin=subprocess.DEVNULL)
+            info = subprocess.run(
+                [path, "-i", str(device), "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.SubprocessError) as e:
             return None, f"nvidia-smi failed ({e})"
         lines = info.stdout.strip().splitlines()
@@ -151,8 +172,12 @@ class SmiSampler:
             total_mb: float | None = round(float(total), 1)
         except ValueError:
             total_mb = None
-        description = {"device": device, "name": name.strip() or total.strip(), "total_MB": total_mb,
-                       "source": "nvidia-smi"}
+        description = {
+            "device": device,
+            "name": name.strip() or total.strip(),
+            "total_MB": total_mb,
+            "source": "nvidia-smi",
+        }
         try:
             sampler = cls(path, device, description, interval_s)
         except OSError as e:

@@ -94,11 +94,17 @@ def profile_cases_of(images: str | Path) -> list[Case]:
     cases = find_cases(images)
     for case in cases:
         if len(case.files) > 1 and not case.is_dicom:
-            raise InputError(case.source, f"case {case.case_id} has several channel files; profile runs "
-                             "single-channel (CT) cases, one image file per process")
+            raise InputError(
+                case.source,
+                f"case {case.case_id} has several channel files; profile runs "
+                "single-channel (CT) cases, one image file per process",
+            )
         if case.is_dicom and sum(c.source == case.source for c in cases) > 1:
-            raise InputError(case.source, "several DICOM series in one folder; profile runs one series per "
-                             "process: give each series its own folder")
+            raise InputError(
+                case.source,
+                "several DICOM series in one folder; profile runs one series per "
+                "process: give each series its own folder",
+            )
     return cases
 
 
@@ -148,11 +154,17 @@ def profile_cases(
     dataset = predict_options.get("dataset")
     result: dict[str, Any] = {
         "settings": {
-            "interval_s": interval, "images": str(images), "output_dir": str(output_dir),
-            "dataset": None if dataset is None else str(dataset), "extra_args": list(extra_args or []),
+            "interval_s": interval,
+            "images": str(images),
+            "output_dir": str(output_dir),
+            "dataset": None if dataset is None else str(dataset),
+            "extra_args": list(extra_args or []),
             "predict_options": predict_options,
-            "timeout_s": timeout_s, "gpu": getattr(gpu, "description", None) if gpu is not None else None,
-            "gpu_note": gpu_note, "MB": "MiB (2**20 bytes)", "figures": FIGURE_DEFINITIONS,
+            "timeout_s": timeout_s,
+            "gpu": getattr(gpu, "description", None) if gpu is not None else None,
+            "gpu_note": gpu_note,
+            "MB": "MiB (2**20 bytes)",
+            "figures": FIGURE_DEFINITIONS,
         },
         "cases": [],
     }
@@ -167,8 +179,9 @@ def profile_cases(
                 record.update(_refused(one_line(error), EXIT_BAD_INPUT, log))
             else:
                 command = command_builder(case, output_dir, predict_options)
-                record.update(run_and_sample(command, interval=interval, gpu=gpu, env=env, timeout_s=timeout_s,
-                                             log_file=log))
+                record.update(
+                    run_and_sample(command, interval=interval, gpu=gpu, env=env, timeout_s=timeout_s, log_file=log)
+                )
             record["log"] = str(log)
             plot = plot_case(record, report_dir / f"profile_{case.case_id}.png")
             record["plot"] = str(plot) if plot else None
@@ -187,5 +200,12 @@ def profile_cases(
 def _refused(message: str, exit_code: int, log: Path) -> dict[str, Any]:
     log.write_text(message + "\n", encoding="utf-8")
     figures = {figure: None for figure in FIGURES}
-    return {**figures, "command": [], "exit_code": exit_code, "timed_out": False, "error": message,
-            "samples": {"time_s": [], "ram_mb": []}, "n_samples": 0}
+    return {
+        **figures,
+        "command": [],
+        "exit_code": exit_code,
+        "timed_out": False,
+        "error": message,
+        "samples": {"time_s": [], "ram_mb": []},
+        "n_samples": 0,
+    }

@@ -122,8 +122,12 @@ def run_and_sample(
     ``time_s``, ``ram_mb``, and with a GPU ``gpu_mb``, ``gpu_own_mb``).
     """
     samples: dict[str, list] = {"time_s": [], "gpu_mb": [], "gpu_own_mb": [], "ram_mb": []}
-    record: dict[str, Any] = {"command": [str(c) for c in command], "exit_code": None, "timed_out": False,
-                              "error": None}
+    record: dict[str, Any] = {
+        "command": [str(c) for c in command],
+        "exit_code": None,
+        "timed_out": False,
+        "error": None,
+    }
     memory = HostMemoryPeaks()
     # Device-wide memory before the start: other processes' share of every sample.
     baseline = _sample_gpu(gpu, set(), record)[0] if gpu is not None else None
@@ -133,9 +137,14 @@ def run_and_sample(
     start = time.perf_counter()
     try:
         try:
-            process = subprocess.Popen(record["command"], stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=None if env is None else dict(env),
-                                       start_new_session=_POSIX)
+            process = subprocess.Popen(
+                record["command"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=None if env is None else dict(env),
+                start_new_session=_POSIX,
+            )
         except OSError as e:
             record["error"] = f"cannot start: {e}"
             record["time_s"] = round(time.perf_counter() - start, 3)
@@ -177,8 +186,14 @@ def run_and_sample(
     return _finish(record, samples, interval, baseline, gpu, memory)
 
 
-def _finish(record: dict, samples: dict, interval: float, baseline: float | None, gpu: GpuSampler | None,
-            memory: HostMemoryPeaks) -> dict:
+def _finish(
+    record: dict,
+    samples: dict,
+    interval: float,
+    baseline: float | None,
+    gpu: GpuSampler | None,
+    memory: HostMemoryPeaks,
+) -> dict:
     has_gpu = gpu is not None
 
     def mb(value: float | None) -> float | None:

@@ -115,7 +115,11 @@ def build_predictor(
     if reference_pipeline:
         return ReferencePipeline.from_weights(locator_weights, segmenter_weights, device=device or default_device())
     locator, segmenter = model_folders(
-        dataset=dataset, locator=locator, segmenter=segmenter, plans=plans, locator_trainer=locator_trainer,
+        dataset=dataset,
+        locator=locator,
+        segmenter=segmenter,
+        plans=plans,
+        locator_trainer=locator_trainer,
         segmenter_trainer=segmenter_trainer,
     )
     return CascadePredictor(
@@ -244,8 +248,16 @@ def predict(
             written.append(target)
 
         predict_case_to_files(
-            predictor, case, target, save_probabilities, stats, preview, grids=grids,
-            loaded=reads.take(case), writer=writes, on_written=finished,
+            predictor,
+            case,
+            target,
+            save_probabilities,
+            stats,
+            preview,
+            grids=grids,
+            loaded=reads.take(case),
+            writer=writes,
+            on_written=finished,
         )
         return target
 

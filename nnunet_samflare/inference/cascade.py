@@ -200,10 +200,12 @@ def preprocessed_to_original_box(box: Box, properties: dict, transpose_backward:
     mapped = []
     for (lo, hi), (crop_lo, crop_hi), n_cropped, n_grid in zip(box, crop, cropped_shape, grid_shape):
         scale = n_cropped / n_grid
-        mapped.append([
-            max(crop_lo, crop_lo + math.floor(lo * scale)),
-            min(crop_hi, crop_lo + math.ceil(hi * scale)),
-        ])
+        mapped.append(
+            [
+                max(crop_lo, crop_lo + math.floor(lo * scale)),
+                min(crop_hi, crop_lo + math.ceil(hi * scale)),
+            ]
+        )
     return transposed(mapped, transpose_backward)
 
 
@@ -399,16 +401,18 @@ class CascadePredictor:
             "shape_after_cropping_and_before_resampling": [box[axis][1] - box[axis][0] for axis in forward],
         }
         _, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, segmenter.plans_manager, segmenter.configuration_manager, label_manager, export_properties,
+            logits,
+            segmenter.plans_manager,
+            segmenter.configuration_manager,
+            label_manager,
+            export_properties,
             return_probabilities=True,
         )
         return np.asarray(probabilities, dtype=np.float32)
 
     # -- whole case ------------------------------------------------------------------------------------------
 
-    def predict_case(
-        self, data: np.ndarray, properties: dict, return_probabilities: bool = False
-    ) -> CasePrediction:
+    def predict_case(self, data: np.ndarray, properties: dict, return_probabilities: bool = False) -> CasePrediction:
         """Run the cascade on one case (``data`` (c, z, y, x) float32, ``properties`` as from ``read_case``)."""
         timings: dict[str, float] = {}
         full_shape = data.shape[1:]

@@ -82,8 +82,12 @@ def locate_to_folder(
     if valid and not isinstance(predictor, CascadePredictor):
         predictor = predictor()
     try:
-        run_cases(valid, lambda case: _locate_case(predictor, case, roi_dir, grids), lambda case: case.case_id,
-                  fail_fast=fail_fast)
+        run_cases(
+            valid,
+            lambda case: _locate_case(predictor, case, roi_dir, grids),
+            lambda case: case.case_id,
+            fail_fast=fail_fast,
+        )
     except CaseFailures as error:
         failures.update(error.failures)
     if failures:

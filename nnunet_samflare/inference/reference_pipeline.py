@@ -216,9 +216,7 @@ def resampled_grid(
     return grid, size, unchanged
 
 
-def grid_coordinates(
-    in_shape: Sequence[int], out_shape: Sequence[int], ratios: Sequence[float]
-) -> list[torch.Tensor]:
+def grid_coordinates(in_shape: Sequence[int], out_shape: Sequence[int], ratios: Sequence[float]) -> list[torch.Tensor]:
     """Per axis, the normalised sampling coordinates (``grid_sample``'s [-1, 1] convention, align_corners False)
     of an output grid of ``out_shape`` whose voxel j sits at input index ``j · ratio`` (ratio = output spacing /
     input spacing), with the same float64 arithmetic as MONAI's ``SpatialResample``: the index-to-index matrix
@@ -247,9 +245,7 @@ def grid_coordinates(
 _ROWS_PER_CALL = 8
 
 
-def _grid_resample(
-    volume: torch.Tensor, out_shape: Sequence[int], ratios: Sequence[float], mode: str
-) -> torch.Tensor:
+def _grid_resample(volume: torch.Tensor, out_shape: Sequence[int], ratios: Sequence[float], mode: str) -> torch.Tensor:
     """``volume`` (float64 (X, Y, Z)) sampled by ``grid_sample`` (border padding, align_corners False) on the grid
     of :func:`grid_coordinates`, a few output rows at a time (each output voxel is computed on its own, so the
     result is that of one call over the whole grid)."""
@@ -474,4 +470,3 @@ def _lap(timings: dict[str, float], stage: str, start: float, device: torch.devi
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-

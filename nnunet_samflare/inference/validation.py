@@ -46,18 +46,26 @@ class CascadeGrids:
         loc = _configuration_of(Path(locator))
         seg = _configuration_of(Path(segmenter))
         return cls(
-            locator_spacing_zyx=loc[0], segmenter_spacing_zyx=seg[0], locator_patch=loc[1], segmenter_patch=seg[1],
-            locator_heads=loc[2], segmenter_heads=seg[2], num_input_channels=seg[3],
+            locator_spacing_zyx=loc[0],
+            segmenter_spacing_zyx=seg[0],
+            locator_patch=loc[1],
+            segmenter_patch=seg[1],
+            locator_heads=loc[2],
+            segmenter_heads=seg[2],
+            num_input_channels=seg[3],
         )
 
     @classmethod
     def from_predictor(cls, predictor) -> CascadeGrids:
         """From a loaded :class:`~nnunet_samflare.inference.cascade.CascadePredictor`."""
+
         def describe(p):
             backward = p.plans_manager.transpose_backward
-            return (tuple(transposed(p.configuration_manager.spacing, backward)),
-                    tuple(transposed(p.configuration_manager.patch_size, backward)),
-                    p.label_manager.num_segmentation_heads)
+            return (
+                tuple(transposed(p.configuration_manager.spacing, backward)),
+                tuple(transposed(p.configuration_manager.patch_size, backward)),
+                p.label_manager.num_segmentation_heads,
+            )
 
         loc, seg = describe(predictor.locator), describe(predictor.segmenter)
         return cls(loc[0], seg[0], loc[1], seg[1], loc[2], seg[2], predictor.num_input_channels)
@@ -84,8 +92,14 @@ class CascadeGrids:
         output = 1 + 4 + 1 + (8 * self.segmenter_heads if probabilities else 0)
         stages = [
             [Grid("locator grid", locator, 8 * c + 8 * self.locator_heads + 2, self.locator_spacing_zyx)],
-            [Grid("segmenter grid (whole scan as ROI)", segmenter, 8 * c + 8 * self.segmenter_heads + 4,
-                  self.segmenter_spacing_zyx)],
+            [
+                Grid(
+                    "segmenter grid (whole scan as ROI)",
+                    segmenter,
+                    8 * c + 8 * self.segmenter_heads + 4,
+                    self.segmenter_spacing_zyx,
+                )
+            ],
             [Grid("full-size outputs" + (" with probabilities" if probabilities else ""), shape, output, spacing)],
         ]
         return resident, stages
@@ -162,8 +176,13 @@ def validate_loaded(
     """The geometry and memory checks of :func:`validate_case` for a case already read (``data`` (c, z, y, x),
     ``properties`` as from ``read_case``): what is left to check for a DICOM series, before any model work."""
     sitk_stuff = properties["sitk_stuff"]
-    geometry = Geometry(3, tuple(int(n) for n in data.shape[1:][::-1]), tuple(sitk_stuff["spacing"]),
-                        tuple(sitk_stuff["origin"]), tuple(sitk_stuff["direction"]))
+    geometry = Geometry(
+        3,
+        tuple(int(n) for n in data.shape[1:][::-1]),
+        tuple(sitk_stuff["spacing"]),
+        tuple(sitk_stuff["origin"]),
+        tuple(sitk_stuff["direction"]),
+    )
     check_geometry(geometry, name)
     if grids is not None:
         grids.check_extent(geometry, name)

@@ -105,8 +105,9 @@ def _check_file(path: Path) -> None:
         spacing = raw_nifti_spacing(path)
         if spacing is not None and not all(s > 0 for s in spacing):
             raise InputError(
-                path, f"invalid voxel spacing: the NIfTI header's pixdim[1..3] is {tuple(float(s) for s in spacing)}; "
-                "every spacing must be positive (ITK would silently use 1 mm)"
+                path,
+                f"invalid voxel spacing: the NIfTI header's pixdim[1..3] is {tuple(float(s) for s in spacing)}; "
+                "every spacing must be positive (ITK would silently use 1 mm)",
             )
 
 

@@ -146,8 +146,9 @@ def find_unlabelled(
         check_num_channels(case, num_channels)
         validate_case(case)
         if image_ending(case.files[0]) != file_ending:
-            raise InputError(case.files[0], f"image ending {image_ending(case.files[0])} differs from the dataset's "
-                             f"{file_ending}")
+            raise InputError(
+                case.files[0], f"image ending {image_ending(case.files[0])} differs from the dataset's {file_ending}"
+            )
         if case.case_id in taken:
             raise InputError(case.files[0], f"case id {case.case_id} is also a training case of the dataset")
         found[case.case_id] = case.files
@@ -239,8 +240,9 @@ def copy_plans(source: str, target: str, plans: str) -> Path:
     _, preprocessed, _ = nnunet_folders()
     plans_file = preprocessed / source / f"{plans}.json"
     if not plans_file.is_file():
-        raise InputError(plans_file, f"plans not found: run nnUNetv2_plan_and_preprocess and samflare plan for "
-                         f"{source} first")
+        raise InputError(
+            plans_file, f"plans not found: run nnUNetv2_plan_and_preprocess and samflare plan for {source} first"
+        )
     (preprocessed / target).mkdir(parents=True, exist_ok=True)
     move_plans_between_datasets(source, target, plans, plans)
     # nnU-Net's training copies the fingerprint into the model folder; the images are the source's

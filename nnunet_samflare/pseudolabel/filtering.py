@@ -134,6 +134,13 @@ def filter_folder(
     output_dir = check_output_folder(output_dir, [input_dir])
     records = {}
     for case, path in files.items():
-        records[case] = filter_case(path, input_dir / f"{case}.npz", output_dir / path.name, confidence,
-                                    ignore_label, postprocess, record_dir=output_dir)
+        records[case] = filter_case(
+            path,
+            input_dir / f"{case}.npz",
+            output_dir / path.name,
+            confidence,
+            ignore_label,
+            postprocess,
+            record_dir=output_dir,
+        )
     return records

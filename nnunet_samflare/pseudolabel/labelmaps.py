@@ -58,8 +58,8 @@ def check_same_grid(reference: sitk.Image, other: sitk.Image, other_name: str | 
     ):
         if not np.allclose(a, b, atol=tolerance, rtol=0):
             raise InputError(
-                other_name, f"{what} {tuple(round(v, 4) for v in a)} differs from {reference_name} "
-                f"{tuple(round(v, 4) for v in b)}"
+                other_name,
+                f"{what} {tuple(round(v, 4) for v in a)} differs from {reference_name} {tuple(round(v, 4) for v in b)}",
             )
 
 

@@ -47,8 +47,9 @@ class ProbabilityReader:
                 names = archive.namelist()
                 if _MEMBER not in names:
                     raise InputError(
-                        self.path, f"no '{PROBABILITIES_KEY}' array (found {', '.join(names) or 'nothing'}); expected "
-                        "nnU-Net's --save_probabilities output"
+                        self.path,
+                        f"no '{PROBABILITIES_KEY}' array (found {', '.join(names) or 'nothing'}); expected "
+                        "nnU-Net's --save_probabilities output",
                     )
                 with archive.open(_MEMBER) as stream:
                     self.shape, self.fortran_order, self.dtype = _read_npy_header(stream)
@@ -156,9 +157,14 @@ def same_geometry(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     """None if two properties dicts describe the same image grid, else what differs (for a message)."""
     for key, tolerance in (("spacing", 1e-5), ("origin", 1e-3), ("direction", 1e-5)):
         first, second = a["sitk_stuff"].get(key), b["sitk_stuff"].get(key)
-        if first is None or second is None or len(first) != len(second) or not np.allclose(
-            first, second, atol=tolerance, rtol=0
+        if (
+            first is None
+            or second is None
+            or len(first) != len(second)
+            or not np.allclose(first, second, atol=tolerance, rtol=0)
         ):
-            return f"{key} {tuple(np.round(second, 4)) if second is not None else None} vs " \
-                   f"{tuple(np.round(first, 4)) if first is not None else None}"
+            return (
+                f"{key} {tuple(np.round(second, 4)) if second is not None else None} vs "
+                f"{tuple(np.round(first, 4)) if first is not None else None}"
+            )
     return None

@@ -125,8 +125,10 @@ def save_report(report: Mapping[str, Any], folder: str | os.PathLike) -> tuple[P
     names = report["label_names"]
     changes = report["changed_voxels"]
     panels = [
-        ("voxels changed vs previous round", {k: changes.get("gained", {}).get(k, 0) + changes.get("lost", {}).get(k, 0)
-                                              for k in names if k != "0"}),
+        (
+            "voxels changed vs previous round",
+            {k: changes.get("gained", {}).get(k, 0) + changes.get("lost", {}).get(k, 0) for k in names if k != "0"},
+        ),
         ("fold agreement (DSC)", {k: report["fold_agreement_dsc"].get(k, 0.0) for k in names if k != "0"}),
         ("voxels ignored (low confidence)", {k: report["ignored_voxels"].get(k, 0) for k in names if k != "0"}),
     ]

@@ -119,8 +119,11 @@ class PseudoLabelRun:
     def __init__(self, settings: RunSettings):
         self.settings = s = settings
         if s.folds < 2:
-            raise InputError(None, f"--folds must be at least 2, not {s.folds}: every partially labelled case is "
-                             "predicted by a fold model that did not train on it")
+            raise InputError(
+                None,
+                f"--folds must be at least 2, not {s.folds}: every partially labelled case is "
+                "predicted by a fold model that did not train on it",
+            )
         if s.rounds < 1:
             raise InputError(None, f"--rounds must be at least 1, not {s.rounds}")
         if s.num_parts < 1:
@@ -135,13 +138,16 @@ class PseudoLabelRun:
             )
         self.pool = sorted([*self.source.partial_cases, *self.unlabelled])
         if not self.pool:
-            raise InputError(self.source.folder, "nothing to pseudo-label: no case has partial_labels and no "
-                             "unlabelled scans were given (--unlabeled)")
+            raise InputError(
+                self.source.folder,
+                "nothing to pseudo-label: no case has partial_labels and no unlabelled scans were given (--unlabeled)",
+            )
         if len(self.source.labels) < s.folds:
-            raise InputError(self.source.folder, f"{len(self.source.labels)} labelled case(s) cannot be split into "
-                             f"{s.folds} folds")
+            raise InputError(
+                self.source.folder, f"{len(self.source.labels)} labelled case(s) cannot be split into {s.folds} folds"
+            )
         self._check_plans()
-        source_id = int(self.source.name[len("Dataset"):].split("_")[0])
+        source_id = int(self.source.name[len("Dataset") :].split("_")[0])
         self.first_id = s.first_id if s.first_id is not None else source_id + 100
         short = self.source.name.split("_", 1)[1] if "_" in self.source.name else self.source.name
         self.dataset_names = [f"Dataset{self.first_id + i:03d}_{short}PL{i}" for i in range(s.rounds + 1)]
@@ -213,8 +219,10 @@ class PseudoLabelRun:
         unlabelled scan."""
         splits = self.splits(r)
         partial = set(self.source.partial_cases)
-        return {k: sorted([c for c in split["val"] if c in partial] + list(self.unlabelled))
-                for k, split in enumerate(splits)}
+        return {
+            k: sorted([c for c in split["val"] if c in partial] + list(self.unlabelled))
+            for k, split in enumerate(splits)
+        }
 
     def pool_images(self, case: str) -> tuple[Path, ...]:
         return self.unlabelled[case] if case in self.unlabelled else self.source.images[case]
@@ -232,17 +240,24 @@ class PseudoLabelRun:
             for r in range(1, self.settings.rounds + 1):
                 self.run_round(r)
             final = self.settings.rounds
-            self.step("final.preprocess", lambda: self.preprocess(final, [LOCATOR_CONFIGURATION,
-                                                                         SEGMENTER_CONFIGURATION]))
-            self.step("final.train.locator", lambda: self.train(final, LOCATOR_CONFIGURATION, "all",
-                                                                self.settings.locator_trainer, None))
+            self.step(
+                "final.preprocess", lambda: self.preprocess(final, [LOCATOR_CONFIGURATION, SEGMENTER_CONFIGURATION])
+            )
+            self.step(
+                "final.train.locator",
+                lambda: self.train(final, LOCATOR_CONFIGURATION, "all", self.settings.locator_trainer, None),
+            )
             warm = self.checkpoint(final - 1, self.settings.segmenter_trainer, 0) if self.settings.warm_start else None
-            self.step("final.train.segmenter", lambda: self.train(final, SEGMENTER_CONFIGURATION, "all",
-                                                                  self.final_segmenter_trainer, warm))
+            self.step(
+                "final.train.segmenter",
+                lambda: self.train(final, SEGMENTER_CONFIGURATION, "all", self.final_segmenter_trainer, warm),
+            )
         name = self.dataset_names[final]
-        _log(f"done: final models in {self.results / name}; predict with: samflare predict -i IMAGES -o OUT "
-             f"-d {self.first_id + final} -p {self.settings.plans} --locator_trainer {self.settings.locator_trainer} "
-             f"--segmenter_trainer {self.final_segmenter_trainer}")
+        _log(
+            f"done: final models in {self.results / name}; predict with: samflare predict -i IMAGES -o OUT "
+            f"-d {self.first_id + final} -p {self.settings.plans} --locator_trainer {self.settings.locator_trainer} "
+            f"--segmenter_trainer {self.final_segmenter_trainer}"
+        )
         return self.raw_dir(final)
 
     def run_round(self, r: int) -> None:
@@ -253,13 +268,22 @@ class PseudoLabelRun:
             configurations.append(LOCATOR_CONFIGURATION)
         self.step(f"r{r}.preprocess", lambda: self.preprocess(labels, configurations))
         if r == 1 and self.settings.locator is None:
-            self.step("locator.train", lambda: self.train(0, LOCATOR_CONFIGURATION, "all",
-                                                          self.settings.locator_trainer, None))
+            self.step(
+                "locator.train",
+                lambda: self.train(0, LOCATOR_CONFIGURATION, "all", self.settings.locator_trainer, None),
+            )
         for k in range(self.settings.folds):
-            warm = self.checkpoint(labels - 1, self.settings.segmenter_trainer, k) \
-                if self.settings.warm_start and r > 1 else None
-            self.step(f"r{r}.train.{k}", lambda k=k, warm=warm: self.train(
-                labels, SEGMENTER_CONFIGURATION, k, self.settings.segmenter_trainer, warm))
+            warm = (
+                self.checkpoint(labels - 1, self.settings.segmenter_trainer, k)
+                if self.settings.warm_start and r > 1
+                else None
+            )
+            self.step(
+                f"r{r}.train.{k}",
+                lambda k=k, warm=warm: self.train(
+                    labels, SEGMENTER_CONFIGURATION, k, self.settings.segmenter_trainer, warm
+                ),
+            )
         self.step(f"r{r}.predict", lambda: self.predict(r))
         self.step(f"r{r}.vote", lambda: self.vote(r))
         self.step(f"r{r}.filter", lambda: self.filter(r))
@@ -288,15 +312,18 @@ class PseudoLabelRun:
         for case in self.source.labels:
             ds.link_images(folder / "imagesTr", case, self.source.images[case], self.source.file_ending)
             ds.link_file(self.source.labels[case], folder / "labelsTr" / f"{case}{self.source.file_ending}")
-            provenance[case] = ds.PROVENANCE_PARTIAL_GROUND_TRUTH if case in self.source.annotated \
-                else PROVENANCE_GROUND_TRUTH
+            provenance[case] = (
+                ds.PROVENANCE_PARTIAL_GROUND_TRUTH if case in self.source.annotated else PROVENANCE_GROUND_TRUTH
+            )
         self._finish_dataset(0, provenance, ignore_label=None, keep_partial_labels=True)
 
-    def _finish_dataset(self, labels_round: int, provenance: dict[str, str], ignore_label: int | None,
-                        keep_partial_labels: bool) -> None:
+    def _finish_dataset(
+        self, labels_round: int, provenance: dict[str, str], ignore_label: int | None, keep_partial_labels: bool
+    ) -> None:
         name = self.dataset_names[labels_round]
-        data = ds.round_dataset_json(self.source, name, provenance, self.work_dir, labels_round, ignore_label,
-                                     keep_partial_labels)
+        data = ds.round_dataset_json(
+            self.source, name, provenance, self.work_dir, labels_round, ignore_label, keep_partial_labels
+        )
         (self.preprocessed / name).mkdir(parents=True, exist_ok=True)
         # the plans first (nnU-Net's helper reads the target's raw dataset.json), then dataset.json, written last
         write_json_atomic(data, self.raw_dir(labels_round) / "dataset.json")
@@ -309,15 +336,27 @@ class PseudoLabelRun:
         if splits is not None:
             write_json_atomic(splits, self.preprocessed / name / "splits_final.json")
         n = str(max(1, self.settings.num_processes))
-        self.nnunet([_nnunet_command("nnUNetv2_preprocess"), "-d", str(self.first_id + labels_round),
-                     "-plans_name", self.settings.plans, "-c", *configurations, "-np", *[n] * len(configurations)],
-                    f"preprocess_{name}")
+        self.nnunet(
+            [
+                _nnunet_command("nnUNetv2_preprocess"),
+                "-d",
+                str(self.first_id + labels_round),
+                "-plans_name",
+                self.settings.plans,
+                "-c",
+                *configurations,
+                "-np",
+                *[n] * len(configurations),
+            ],
+            f"preprocess_{name}",
+        )
 
     def checkpoint(self, labels_round: int, trainer: str, fold: int | str) -> Path:
         return self.model_dir(labels_round, trainer, SEGMENTER_CONFIGURATION) / f"fold_{fold}" / "checkpoint_final.pth"
 
-    def train(self, labels_round: int, configuration: str, fold: int | str, trainer: str,
-              pretrained: Path | None) -> None:
+    def train(
+        self, labels_round: int, configuration: str, fold: int | str, trainer: str, pretrained: Path | None
+    ) -> None:
         out = self.model_dir(labels_round, trainer, configuration) / f"fold_{fold}"
         final = out / "checkpoint_final.pth"
         if final.is_file():
@@ -325,14 +364,27 @@ class PseudoLabelRun:
                 _log(f"  {final} exists: training had finished")
                 return
             final.unlink()  # torn by a kill while nnU-Net wrote it
-        command = [_nnunet_command("nnUNetv2_train"), str(self.first_id + labels_round), configuration, str(fold),
-                   "-tr", trainer, "-p", self.settings.plans, "-device", self.settings.device]
+        command = [
+            _nnunet_command("nnUNetv2_train"),
+            str(self.first_id + labels_round),
+            configuration,
+            str(fold),
+            "-tr",
+            trainer,
+            "-p",
+            self.settings.plans,
+            "-device",
+            self.settings.device,
+        ]
         if any((out / f"checkpoint_{which}.pth").is_file() for which in ("latest", "best")):
             command.append("--c")
         elif pretrained is not None:
             command += ["-pretrained_weights", str(pretrained)]
-        self.nnunet(command, f"train_{self.dataset_names[labels_round]}_{configuration}_{fold}",
-                    {SKIP_FINAL_VALIDATION_ENV: "1"})
+        self.nnunet(
+            command,
+            f"train_{self.dataset_names[labels_round]}_{configuration}_{fold}",
+            {SKIP_FINAL_VALIDATION_ENV: "1"},
+        )
         if not final.is_file():
             raise StepFailed(f"{' '.join(command)} ended without writing {final}")
 
@@ -380,37 +432,69 @@ class PseudoLabelRun:
         for k, (pool_dir, out_dir, model) in folders.items():
             if not pools[k]:
                 continue
-            predictor = build_predictor(locator=self.locator_dir(), segmenter=model, device=self.settings.device,
-                                        postprocess=False)
-            predict(pool_dir, out_dir, predictor=predictor, save_probabilities=True, continue_prediction=True,
-                    progress=False)
+            predictor = build_predictor(
+                locator=self.locator_dir(), segmenter=model, device=self.settings.device, postprocess=False
+            )
+            predict(
+                pool_dir,
+                out_dir,
+                predictor=predictor,
+                save_probabilities=True,
+                continue_prediction=True,
+                progress=False,
+            )
 
     def _predict_in_parts(self, r: int, pools: dict[int, list[str]], folders: dict) -> None:
         n = self.settings.num_parts
         lines = []
         for part in range(n):
             commands = [
-                shlex.join(["samflare", "predict", "-i", str(pool_dir), "-o", str(out_dir), "--locator",
-                            str(self.locator_dir()), "--segmenter", str(model), "-device", self.settings.device,
-                            "--save_probabilities", "--continue_prediction", "--no_postprocessing",
-                            "--num_parts", str(n), "--part_id", str(part)])
-                for k, (pool_dir, out_dir, model) in folders.items() if pools[k]
+                shlex.join(
+                    [
+                        "samflare",
+                        "predict",
+                        "-i",
+                        str(pool_dir),
+                        "-o",
+                        str(out_dir),
+                        "--locator",
+                        str(self.locator_dir()),
+                        "--segmenter",
+                        str(model),
+                        "-device",
+                        self.settings.device,
+                        "--save_probabilities",
+                        "--continue_prediction",
+                        "--no_postprocessing",
+                        "--num_parts",
+                        str(n),
+                        "--part_id",
+                        str(part),
+                    ]
+                )
+                for k, (pool_dir, out_dir, model) in folders.items()
+                if pools[k]
             ]
             lines.append(" && ".join(commands))
         script = self.round_dir(r) / "predict_parts.sh"
         write_json_atomic({"num_parts": n, "commands": lines}, self.round_dir(r) / "predict_parts.json")
         with atomic_output(script) as tmp:
             tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        missing = [case for k, cases in pools.items() for case in cases if not _predicted(folders[k][1], case,
-                                                                                          self.source.file_ending)]
+        missing = [
+            case
+            for k, cases in pools.items()
+            for case in cases
+            if not _predicted(folders[k][1], case, self.source.file_ending)
+        ]
         if missing:
             raise WaitingForParts(
                 f"round {r}: {len(missing)} prediction(s) missing (e.g. {missing[0]}). Run the {n} lines of "
                 f"{script} (one job each, in any order or at once), then run this command again."
             )
 
-    def _per_case(self, step: str, cases: list[str], work: Callable[[str], dict | None], done: Callable[[str], bool]
-                  ) -> None:
+    def _per_case(
+        self, step: str, cases: list[str], work: Callable[[str], dict | None], done: Callable[[str], bool]
+    ) -> None:
         """``work(case)`` for each case whose output is not there yet; the kill hook counts here."""
         kill_after = _kill_hook(step)
         count = 0
@@ -428,9 +512,17 @@ class PseudoLabelRun:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out)
         ending = self.source.file_ending
-        self._per_case(f"r{r}.vote", self.pool, lambda case: vote_case(
-            [self.round_dir(r) / "predictions" / f"fold_{k}" / f"{case}.npz" for k in pools if case in pools[k]],
-            out, case, ending), lambda case: (out / f"{case}{ending}").is_file())
+        self._per_case(
+            f"r{r}.vote",
+            self.pool,
+            lambda case: vote_case(
+                [self.round_dir(r) / "predictions" / f"fold_{k}" / f"{case}.npz" for k in pools if case in pools[k]],
+                out,
+                case,
+                ending,
+            ),
+            lambda case: (out / f"{case}{ending}").is_file(),
+        )
 
     def filter(self, r: int) -> None:
         voted, out = self.round_dir(r) / "voted", self.round_dir(r) / "filtered"
@@ -441,9 +533,15 @@ class PseudoLabelRun:
         self._per_case(
             f"r{r}.filter",
             self.pool,
-            lambda case: filter_case(voted / f"{case}{ending}", voted / f"{case}.npz", out / f"{case}{ending}",
-                                     self.settings.confidence, self.ignore_label, self.settings.postprocess,
-                                     record_dir=out),
+            lambda case: filter_case(
+                voted / f"{case}{ending}",
+                voted / f"{case}.npz",
+                out / f"{case}{ending}",
+                self.settings.confidence,
+                self.ignore_label,
+                self.settings.postprocess,
+                record_dir=out,
+            ),
             lambda case: (out / f"{case}{ending}").is_file(),
         )
 
@@ -459,11 +557,17 @@ class PseudoLabelRun:
         def work(case: str) -> None:
             ground_truth = self.source.labels.get(case)
             pseudo = filtered / f"{case}{ending}" if case in self.pool else None
-            merge_case(ground_truth, pseudo, self.source.annotated.get(case) if ground_truth else None,
-                       labels_dir / f"{case}{ending}", record_dir=records_dir)
+            merge_case(
+                ground_truth,
+                pseudo,
+                self.source.annotated.get(case) if ground_truth else None,
+                labels_dir / f"{case}{ending}",
+                record_dir=records_dir,
+            )
 
-        self._per_case(f"r{r}.merge", self.training_cases(r + 1), work,
-                       lambda case: (labels_dir / f"{case}{ending}").is_file())
+        self._per_case(
+            f"r{r}.merge", self.training_cases(r + 1), work, lambda case: (labels_dir / f"{case}{ending}").is_file()
+        )
 
     def write_dataset(self, r: int) -> None:
         folder = self.raw_dir(r)
@@ -478,20 +582,32 @@ class PseudoLabelRun:
         ending = self.source.file_ending
         previous = self.raw_dir(r - 1) / "labelsTr"
         current = self.raw_dir(r) / "labelsTr"
-        pairs = [((previous / f"{case}{ending}") if (previous / f"{case}{ending}").exists() else None,
-                  current / f"{case}{ending}") for case in self.training_cases(r + 1)]
+        pairs = [
+            (
+                (previous / f"{case}{ending}") if (previous / f"{case}{ending}").exists() else None,
+                current / f"{case}{ending}",
+            )
+            for case in self.training_cases(r + 1)
+        ]
         round_dir = self.round_dir(r)
         data = ds.load_dataset_json(self.raw_dir(r) / "dataset.json")
         names = {int(v): k for k, v in self.source.dataset_json["labels"].items()}
         if self.ignore_label is not None:
             names[self.ignore_label] = "ignore"
-        walls = {name.split(".", 1)[1]: step["wall_s"] for name, step in self.state.steps.items()
-                 if name.startswith(f"r{r}.")}
+        walls = {
+            name.split(".", 1)[1]: step["wall_s"]
+            for name, step in self.state.steps.items()
+            if name.startswith(f"r{r}.")
+        }
         report = build_report(
-            r, self.dataset_names[r], label_changes(pairs),
+            r,
+            self.dataset_names[r],
+            label_changes(pairs),
             [read_sidecar(round_dir / "voted", case, "vote") for case in self.pool],
             [read_sidecar(round_dir / "filtered", case, "filter") for case in self.pool],
-            data[ds.MARKER_KEY]["label_provenance"], walls, names,
+            data[ds.MARKER_KEY]["label_provenance"],
+            walls,
+            names,
         )
         save_report(report, round_dir)
         _log(format_report(report))

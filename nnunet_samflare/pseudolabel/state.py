@@ -47,8 +47,11 @@ class RunState:
         changed = sorted(k for k in keys if old.get(k) != settings.get(k))
         if changed:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise InputError(path, f"this work folder was started with other settings ({details}); re-run with the "
-                             "same settings or use another work folder (-o)")
+            raise InputError(
+                path,
+                f"this work folder was started with other settings ({details}); re-run with the "
+                "same settings or use another work folder (-o)",
+            )
         return cls(work_dir, data)
 
     @classmethod
@@ -56,8 +59,16 @@ class RunState:
         """Load (or start) the state of ``work_dir`` and count this invocation."""
         state = cls.peek(work_dir, settings)
         if state is None:
-            state = cls(work_dir, {"format": STATE_FORMAT, "version": STATE_VERSION, "settings": settings,
-                                   "invocations": [], "steps": {}})
+            state = cls(
+                work_dir,
+                {
+                    "format": STATE_FORMAT,
+                    "version": STATE_VERSION,
+                    "settings": settings,
+                    "invocations": [],
+                    "steps": {},
+                },
+            )
         state.data["settings"] = settings
         state.data["invocations"].append({"started": _now()})
         state.save()

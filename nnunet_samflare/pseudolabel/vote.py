@@ -50,8 +50,8 @@ def check_vote_inputs(npz_files: Sequence[str | os.PathLike]) -> tuple[list[Prob
         difference = same_geometry(properties[0], props)
         if difference is not None:
             raise InputError(
-                reader.path.with_suffix(".pkl"), f"image geometry differs from {first.path.with_suffix('.pkl')}: "
-                f"{difference}"
+                reader.path.with_suffix(".pkl"),
+                f"image geometry differs from {first.path.with_suffix('.pkl')}: {difference}",
             )
     return readers, properties[0]
 
@@ -156,8 +156,9 @@ def vote_folders(inputs: Sequence[str | os.PathLike], output_dir: str | os.PathL
         from nnunet_samflare.pseudolabel.datasets import load_dataset_json
 
         file_ending = load_dataset_json(dataset_json).get("file_ending", file_ending)
-    records = {case: vote_case([folder / f"{case}.npz" for folder in folders], output_dir, case, file_ending)
-               for case in cases}
+    records = {
+        case: vote_case([folder / f"{case}.npz" for folder in folders], output_dir, case, file_ending) for case in cases
+    }
     for name in ("dataset.json", "plans.json"):
         if (folders[0] / name).is_file():
             with atomic_output(output_dir / name) as tmp:

@@ -56,7 +56,7 @@ def _check_patch_size(name: str, configuration: dict) -> None:
         raise InputError(
             None,
             f"{name}: patch size {configuration['patch_size']} must be divisible by {divisor} on every axis "
-            f"({architecture['network_class_name'].rsplit('.', 1)[-1]} downsamples by {divisor})"
+            f"({architecture['network_class_name'].rsplit('.', 1)[-1]} downsamples by {divisor})",
         )
 
 
@@ -99,7 +99,7 @@ def derive_samflare_plans(
     if BASE_CONFIGURATION not in source_plans["configurations"]:
         raise InputError(
             None,
-            f"plans {source_plans.get('plans_name')!r} have no {BASE_CONFIGURATION!r} configuration to inherit from"
+            f"plans {source_plans.get('plans_name')!r} have no {BASE_CONFIGURATION!r} configuration to inherit from",
         )
     plans = copy.deepcopy(source_plans)
     plans["plans_name"] = plans_name

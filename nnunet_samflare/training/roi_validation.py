@@ -132,8 +132,15 @@ def validate_segmenter_in_roi(trainer, save_probabilities: bool = False) -> None
             box = cascade_roi(seg[:], spacing, margin)
             trainer.print_to_log_file(f"predicting {key} in the region {box} of {tuple(data.shape[1:])}")
             logits = roi_logits(predictor, torch.from_numpy(np.asarray(data[:])), box, has_regions)
-            args = (logits, properties, trainer.configuration_manager, trainer.plans_manager, trainer.dataset_json,
-                    join(str(validation_folder), key), save_probabilities)
+            args = (
+                logits,
+                properties,
+                trainer.configuration_manager,
+                trainer.plans_manager,
+                trainer.dataset_json,
+                join(str(validation_folder), key),
+                save_probabilities,
+            )
             results.append(pool.starmap_async(export_prediction_from_logits, (args,)))
         for result in results:
             result.get()
@@ -141,9 +148,7 @@ def validate_segmenter_in_roi(trainer, save_probabilities: bool = False) -> None
     if trainer.is_ddp:
         dist.barrier()
     if trainer.local_rank == 0:
-        labels = (
-            trainer.label_manager.foreground_regions if has_regions else trainer.label_manager.foreground_labels
-        )
+        labels = trainer.label_manager.foreground_regions if has_regions else trainer.label_manager.foreground_labels
         metric_args = (
             trainer.plans_manager.image_reader_writer_class(),
             trainer.dataset_json["file_ending"],
@@ -153,20 +158,27 @@ def validate_segmenter_in_roi(trainer, save_probabilities: bool = False) -> None
         gt_folder = join(trainer.preprocessed_dataset_folder_base, "gt_segmentations")
         summary_file = validation_folder / "summary.json"
         metrics = compute_metrics_on_folder(
-            gt_folder, str(validation_folder), str(summary_file), *metric_args, chill=True,
+            gt_folder,
+            str(validation_folder),
+            str(summary_file),
+            *metric_args,
+            chill=True,
             num_processes=default_num_processes,
         )
         if cascade_validation_enabled(trainer.cascade_validation):
             cascade = validate_through_cascade(trainer, all_val_keys, gt_folder, metric_args)
         else:
             cascade = {"status": f"not run (switched off; {CASCADE_VALIDATION_ENV}=1 turns it on)"}
-        _add_summary_entry(summary_file, {
-            "evaluated": "segmenter alone, in the region the cascade gives it: ground-truth foreground box + "
-            f"{margin:g} mm per side on the preprocessed grid; background outside",
-            "roi_margin_mm": margin,
-            "inference": {"tile_step_size": VALIDATION_TILE_STEP, "gaussian": False, "mirroring": False},
-            "whole_cascade": cascade,
-        })
+        _add_summary_entry(
+            summary_file,
+            {
+                "evaluated": "segmenter alone, in the region the cascade gives it: ground-truth foreground box + "
+                f"{margin:g} mm per side on the preprocessed grid; background outside",
+                "roi_margin_mm": margin,
+                "inference": {"tile_step_size": VALIDATION_TILE_STEP, "gaussian": False, "mirroring": False},
+                "whole_cascade": cascade,
+            },
+        )
         for label, values in metrics["mean"].items():
             trainer.logger.log_summary(f"final_val/class_{label}_dice", values["Dice"])
         trainer.logger.log_summary("final_val/foreground_dice", metrics["foreground_mean"]["Dice"])
@@ -175,7 +187,8 @@ def validate_segmenter_in_roi(trainer, save_probabilities: bool = False) -> None
         trainer.print_to_log_file("Mean Validation Dice: ", mean_dice, also_print_to_console=True)
         if "mean_dice" in cascade:
             trainer.print_to_log_file(
-                "Mean Validation Dice of the whole cascade (locator + segmenter): ", cascade["mean_dice"],
+                "Mean Validation Dice of the whole cascade (locator + segmenter): ",
+                cascade["mean_dice"],
                 also_print_to_console=True,
             )
         else:
@@ -231,8 +244,9 @@ def validate_through_cascade(trainer, val_keys: Sequence[str], gt_folder: str, m
         return {"status": f"not run: {fold_folder / checkpoint} was not written"}
     locator = find_validation_locator(trainer, checkpoint)
     if locator is None:
-        return {"status": f"not run: no trained locator ({LOCATOR}, {fold_folder.name}, {checkpoint}) beside this "
-                "model"}
+        return {
+            "status": f"not run: no trained locator ({LOCATOR}, {fold_folder.name}, {checkpoint}) beside this model"
+        }
     ending = trainer.dataset_json["file_ending"]
     channels = len(trainer.dataset_json["channel_names"])
     if not os.environ.get("nnUNet_raw"):
@@ -251,9 +265,25 @@ def validate_through_cascade(trainer, val_keys: Sequence[str], gt_folder: str, m
             for path in paths:
                 os.symlink(path.resolve(), Path(tmp) / path.name)
         command = [
-            sys.executable, "-m", "nnunet_samflare.cli", "predict", "-i", tmp, "-o", str(output),
-            "--locator", str(locator), "--segmenter", str(trainer.output_folder_base), "-f", str(trainer.fold),
-            "-chk", checkpoint, "-device", device, "--stats",
+            sys.executable,
+            "-m",
+            "nnunet_samflare.cli",
+            "predict",
+            "-i",
+            tmp,
+            "-o",
+            str(output),
+            "--locator",
+            str(locator),
+            "--segmenter",
+            str(trainer.output_folder_base),
+            "-f",
+            str(trainer.fold),
+            "-chk",
+            checkpoint,
+            "-device",
+            device,
+            "--stats",
         ]
         trainer.print_to_log_file(f"whole-cascade validation: {' '.join(command)}")
         done = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace")
@@ -262,8 +292,9 @@ def validate_through_cascade(trainer, val_keys: Sequence[str], gt_folder: str, m
         return {"status": f"failed: samflare predict exited with {done.returncode} (see the training log)"}
 
     summary_file = Path(trainer.output_folder) / "validation" / CASCADE_SUMMARY_NAME
-    metrics = compute_metrics_on_folder(gt_folder, str(output), str(summary_file), *metric_args, chill=True,
-                                        num_processes=1)
+    metrics = compute_metrics_on_folder(
+        gt_folder, str(output), str(summary_file), *metric_args, chill=True, num_processes=1
+    )
     recall = {}
     for key in val_keys:
         stats = json.loads((output / f"{key}_stats.json").read_text(encoding="utf-8"))

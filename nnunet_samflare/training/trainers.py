@@ -92,9 +92,7 @@ class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
         self.enable_deep_supervision = bool(arch_kwargs.get("deep_supervision_heads", False))
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay
-        )
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
         scheduler = CosineAnnealingLRScheduler(optimizer, self.initial_lr, self.final_lr, self.num_epochs)
         return optimizer, scheduler
 

@@ -324,8 +324,9 @@ class _Stages:
         try:
             yield
         except BaseException:
-            self.console.say(f"      failed after {_duration(time.perf_counter() - start)}; details in "
-                             f"{self.console.log}")
+            self.console.say(
+                f"      failed after {_duration(time.perf_counter() - start)}; details in {self.console.log}"
+            )
             raise
         self.timings[key] = round(time.perf_counter() - start, 1)
         self.console.say(f"      done in {_duration(self.timings[key])}")
@@ -339,8 +340,10 @@ def _pseudo_dice_text(trainer, names: Mapping[int, str]) -> str:
     values = trainer.logger.get_value("dice_per_class_or_region", step=-1)
     label_manager = trainer.label_manager
     if label_manager.has_regions:
-        keys = ["foreground" if len(label_manager.foreground_regions) == 1 else f"region {i + 1}"
-                for i in range(len(values))]
+        keys = [
+            "foreground" if len(label_manager.foreground_regions) == 1 else f"region {i + 1}"
+            for i in range(len(values))
+        ]
     else:
         keys = [names.get(int(lb), str(lb)) for lb in label_manager.foreground_labels]
     by_name = dict(zip(keys, values))
@@ -403,13 +406,15 @@ def metrics_rows(result: Mapping[str, Any], names: Mapping[int, str]) -> list[di
     rows = []
     for key, entry in result["summary"]["per_label"].items():
         if entry["n_present"]:
-            rows.append({
-                "label": int(key),
-                "name": names.get(int(key), entry["name"]),
-                "cases": entry["n_present"],
-                "DSC": entry["DSC_mean_present"],
-                "NSD": entry["NSD_mean_present"],
-            })
+            rows.append(
+                {
+                    "label": int(key),
+                    "name": names.get(int(key), entry["name"]),
+                    "cases": entry["n_present"],
+                    "DSC": entry["DSC_mean_present"],
+                    "NSD": entry["NSD_mean_present"],
+                }
+            )
     return rows
 
 
@@ -424,17 +429,25 @@ def format_metrics_table(rows: Sequence[Mapping[str, Any]], organ_dsc: float | N
 
 
 def _report_readme(
-    size: DemoSize, folders: DemoFolders, source: Path, example: bool, table: str, absent: Sequence[str],
-    timings: Mapping[str, float], device: str,
+    size: DemoSize,
+    folders: DemoFolders,
+    source: Path,
+    example: bool,
+    table: str,
+    absent: Sequence[str],
+    timings: Mapping[str, float],
+    device: str,
 ) -> str:
     scope = (
         "the example CT that ships with the package (one patient; TSEX_0002 is a 30-slice part of TSEX_0001)"
-        if example else f"the dataset in {source}"
+        if example
+        else f"the dataset in {source}"
     )
     absent_line = (
         f"Labels of the dataset that no reference scan contains ({', '.join(absent)}) are left out of the table "
         "and of the average (the FLARE evaluator would count them as 1.0 when the prediction is empty too).\n"
-        if absent else ""
+        if absent
+        else ""
     )
     timing_lines = "\n".join(f"  {k:<22} {_duration(v):>8}" for k, v in timings.items())
     return f"""samflare demo report
@@ -447,7 +460,7 @@ THE MODELS WERE TRAINED AND EVALUATED ON THE SAME SCAN(S). The numbers show that
 networks learn; they say nothing about accuracy on new patients. Training was shortened to fit a CPU: locator
 {size.locator_epochs} epochs x {size.locator_iterations} iterations, segmenter {size.segmenter_epochs} epochs x
 {size.segmenter_iterations} iterations (the full recipe is 300 x 250 per phase), and the segmenter works at
-{' x '.join(map(_number, size.segmenter_spacing))} mm with {'x'.join(map(str, size.segmenter_patch))} patches
+{" x ".join(map(_number, size.segmenter_spacing))} mm with {"x".join(map(str, size.segmenter_patch))} patches
 (the paper: 2.0 x 1.5 x 1.5 mm, 96x96x96). Demo size: {size.name}.
 
 metrics.md / metrics.json: per label, over the cases whose reference contains it,
@@ -581,13 +594,19 @@ def run_demo(
 
         from nnunet_samflare.training.plans import write_samflare_plans
 
-        with stages.stage("nnU-Net planning", "nnU-Net planning: dataset fingerprint and the default plans",
-                          f"nnUNetv2_plan_and_preprocess -d {d} -c 3d_fullres --no_pp -npfp 1"):
+        with stages.stage(
+            "nnU-Net planning",
+            "nnU-Net planning: dataset fingerprint and the default plans",
+            f"nnUNetv2_plan_and_preprocess -d {d} -c 3d_fullres --no_pp -npfp 1",
+        ):
             with console.quiet():
                 extract_fingerprint_dataset(d, num_processes=1, clean=True, verbose=False, show_progress_bar=False)
                 plan_experiment_dataset(d)
-        with stages.stage("samflare plan", "samflare plan: add 3d_locator and 3d_segmenter (a CPU-sized plan)",
-                          f"samflare plan -d {d} {' '.join(size.plan_arguments())}"):
+        with stages.stage(
+            "samflare plan",
+            "samflare plan: add 3d_locator and 3d_segmenter (a CPU-sized plan)",
+            f"samflare plan -d {d} {' '.join(size.plan_arguments())}",
+        ):
             plans_file = write_samflare_plans(
                 d,
                 segmenter_spacing_zyx=size.segmenter_spacing,
@@ -600,47 +619,77 @@ def run_demo(
             plans = json.loads(plans_file.read_text(encoding="utf-8"))
             for name in (LOCATOR_CONFIGURATION, SEGMENTER_CONFIGURATION):
                 console.say("      " + describe_configuration(plans, name))
-        with stages.stage("preprocessing", "preprocessing both configurations (nnU-Net's preprocessor)",
-                          f"nnUNetv2_preprocess -d {d} -plans_name {PLANS} -c {LOCATOR_CONFIGURATION} "
-                          f"{SEGMENTER_CONFIGURATION} -np 1 1"):
+        with stages.stage(
+            "preprocessing",
+            "preprocessing both configurations (nnU-Net's preprocessor)",
+            f"nnUNetv2_preprocess -d {d} -plans_name {PLANS} -c {LOCATOR_CONFIGURATION} "
+            f"{SEGMENTER_CONFIGURATION} -np 1 1",
+        ):
             with console.quiet():
-                preprocess_dataset(d, PLANS, [LOCATOR_CONFIGURATION, SEGMENTER_CONFIGURATION], [1, 1],
-                                   show_progress_bar=False)
+                preprocess_dataset(
+                    d, PLANS, [LOCATOR_CONFIGURATION, SEGMENTER_CONFIGURATION], [1, 1], show_progress_bar=False
+                )
         phases = (
-            ("train locator", "phase 1", LOCATOR_CONFIGURATION, LOCATOR_TRAINER, size.locator_epochs,
-             size.locator_iterations),
-            ("train segmenter", "phase 2", SEGMENTER_CONFIGURATION, SEGMENTER_TRAINER, size.segmenter_epochs,
-             size.segmenter_iterations),
+            (
+                "train locator",
+                "phase 1",
+                LOCATOR_CONFIGURATION,
+                LOCATOR_TRAINER,
+                size.locator_epochs,
+                size.locator_iterations,
+            ),
+            (
+                "train segmenter",
+                "phase 2",
+                SEGMENTER_CONFIGURATION,
+                SEGMENTER_TRAINER,
+                size.segmenter_epochs,
+                size.segmenter_iterations,
+            ),
         )
         for key, phase, configuration, trainer, epochs, iterations in phases:
-            title = (f"training {phase}: {trainer}, {epochs} epochs x {iterations} iterations "
-                     f"(the full recipe: 300 x 250)")
-            with stages.stage(key, title, f"nnUNetv2_train {d} {configuration} all -tr {trainer} -p {PLANS} "
-                              f"-device {device}"):
-                train_phase(folders, configuration, trainer, epochs, iterations, size.val_iterations, device,
-                            console, names)
+            title = (
+                f"training {phase}: {trainer}, {epochs} epochs x {iterations} iterations (the full recipe: 300 x 250)"
+            )
+            with stages.stage(
+                key, title, f"nnUNetv2_train {d} {configuration} all -tr {trainer} -p {PLANS} -device {device}"
+            ):
+                train_phase(
+                    folders, configuration, trainer, epochs, iterations, size.val_iterations, device, console, names
+                )
 
         from nnunet_samflare.inference.api import predict
 
         images = folders.dataset / "imagesTr"
-        with stages.stage("predict", "samflare predict: locate, crop, segment, post-process, paste back",
-                          f"samflare predict -i {images} -o {folders.predictions} -d {d} -device {device} "
-                          "--stats --preview"):
+        with stages.stage(
+            "predict",
+            "samflare predict: locate, crop, segment, post-process, paste back",
+            f"samflare predict -i {images} -o {folders.predictions} -d {d} -device {device} --stats --preview",
+        ):
             with console.quiet():
-                written = predict(images, folders.predictions, dataset=d, device=device, stats=True, preview=True,
-                                  progress=False)
+                written = predict(
+                    images, folders.predictions, dataset=d, device=device, stats=True, preview=True, progress=False
+                )
             console.say(f"      {len(written)} label map(s), *_stats.json and *_preview.png in {folders.predictions}")
 
         from nnunet_samflare.evaluation.evaluate import evaluate_folders
         from nnunet_samflare.evaluation.metrics import NSD_TOLERANCE_MM
 
         labels_dir = folders.dataset / "labelsTr"
-        with stages.stage("evaluate", "samflare evaluate: DSC and NSD with the FLARE23 rules",
-                          f"samflare evaluate {labels_dir} {folders.predictions} -o {folders.report / 'metrics.json'}"):
+        with stages.stage(
+            "evaluate",
+            "samflare evaluate: DSC and NSD with the FLARE23 rules",
+            f"samflare evaluate {labels_dir} {folders.predictions} -o {folders.report / 'metrics.json'}",
+        ):
             tolerances = {lb: NSD_TOLERANCE_MM.get(lb, DEFAULT_NSD_TOLERANCE_MM) for lb in names}
             with console.quiet():
-                result = evaluate_folders(labels_dir, folders.predictions, labels=sorted(names),
-                                          tolerances_mm=tolerances, output_file=folders.report / "metrics.json")
+                result = evaluate_folders(
+                    labels_dir,
+                    folders.predictions,
+                    labels=sorted(names),
+                    tolerances_mm=tolerances,
+                    output_file=folders.report / "metrics.json",
+                )
 
     stages.timings["total"] = round(sum(stages.timings.values()), 1)
     rows, organ_dsc, organ_nsd, table = write_report(
@@ -664,9 +713,11 @@ def run_demo(
         console.say(f"  samflare export -d {d} -o demo_cascade.zip")
     else:
         freed = remove_large_files(folders)
-        console.say(f"Removed checkpoints and preprocessed data ({freed / 1e6:.0f} MB); {work} keeps "
-                    f"{folder_size(work) / 1e6:.0f} MB. Run with --keep to keep the models for samflare predict "
-                    "and samflare export.")
+        console.say(
+            f"Removed checkpoints and preprocessed data ({freed / 1e6:.0f} MB); {work} keeps "
+            f"{folder_size(work) / 1e6:.0f} MB. Run with --keep to keep the models for samflare predict "
+            "and samflare export."
+        )
     return DemoResult(
         work=work,
         report=folders.report,
@@ -678,4 +729,3 @@ def run_demo(
         organ_nsd=organ_nsd,
         kept_models=keep,
     )
-

@@ -88,8 +88,9 @@ def _results_folder(results: str | os.PathLike | None) -> Path:
     from nnunetv2.paths import nnUNet_results
 
     if not nnUNet_results:
-        raise InputError(None, "nnUNet_results is not set: export nnUNet_results=<folder of trained models> or give "
-                         "--results")
+        raise InputError(
+            None, "nnUNet_results is not set: export nnUNet_results=<folder of trained models> or give --results"
+        )
     return Path(str(nnUNet_results)).expanduser().resolve()
 
 
@@ -144,8 +145,9 @@ def export_cascade(
         raise InputError(output.parent, "output folder does not exist")
     models = [
         find_phase_model("locator", dataset, locator_trainer, plans, LOCATOR_CONFIGURATION, folds, checkpoint_name),
-        find_phase_model("segmenter", dataset, segmenter_trainer, plans, SEGMENTER_CONFIGURATION, folds,
-                         checkpoint_name),
+        find_phase_model(
+            "segmenter", dataset, segmenter_trainer, plans, SEGMENTER_CONFIGURATION, folds, checkpoint_name
+        ),
     ]
     results = models[0].folder.parent.parent
     manifest: dict[str, Any] = {
@@ -189,15 +191,21 @@ def read_manifest(archive: zipfile.ZipFile, path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(archive.read(MANIFEST).decode("utf-8"))
     except KeyError:
-        raise _bad_zip(path, f"not a samflare cascade (no {MANIFEST}); a single nnU-Net model installs with "
-                       "nnUNetv2_install_pretrained_model_from_zip") from None
+        raise _bad_zip(
+            path,
+            f"not a samflare cascade (no {MANIFEST}); a single nnU-Net model installs with "
+            "nnUNetv2_install_pretrained_model_from_zip",
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _bad_zip(path, f"{MANIFEST} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise _bad_zip(path, f"{MANIFEST} does not describe a samflare cascade")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise _bad_zip(path, f"cascade format version {manifest.get('format_version')} is not supported "
-                       f"(this samflare reads version {FORMAT_VERSION}); update nnunet-samflare")
+        raise _bad_zip(
+            path,
+            f"cascade format version {manifest.get('format_version')} is not supported "
+            f"(this samflare reads version {FORMAT_VERSION}); update nnunet-samflare",
+        )
     files = manifest.get("files")
     dataset = manifest.get("dataset")
     if not isinstance(files, dict) or not files or not isinstance(dataset, str) or not dataset.startswith("Dataset"):
@@ -254,8 +262,11 @@ def install_cascade(
             dataset = manifest["dataset"]
             _check_dataset_id_free(root, dataset)
             targets = {phase: root / manifest[phase]["folder"] for phase in PHASES}
-            todo = [p for p in PHASES if not (targets[p].exists() and _same_files(root, manifest["files"],
-                                                                                   manifest[p]["folder"]))]
+            todo = [
+                p
+                for p in PHASES
+                if not (targets[p].exists() and _same_files(root, manifest["files"], manifest[p]["folder"]))
+            ]
             clashes = [targets[p] for p in todo if targets[p].exists()]
             if clashes and not overwrite:
                 raise InputError(clashes[0], "already installed with other files; use --overwrite to replace it")
@@ -286,8 +297,9 @@ def _check_dataset_id_free(root: Path, dataset: str) -> None:
     if root.is_dir():
         for other in root.glob(prefix + "_*"):
             if other.name != dataset and other.is_dir():
-                raise InputError(other, f"dataset id {prefix[7:]} is already used by another dataset; the cascade "
-                                 f"is for {dataset}")
+                raise InputError(
+                    other, f"dataset id {prefix[7:]} is already used by another dataset; the cascade is for {dataset}"
+                )
 
 
 def _move_into_place(staging: Path, root: Path, folders: Sequence[str]) -> None:
