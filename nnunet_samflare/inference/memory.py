@@ -7,7 +7,7 @@ maps, network activations) therefore stay in the heap after they are freed, frag
 
 An earlier fix pinned the mmap threshold at 1 MB so that such buffers were unmapped when freed. That also fixes
 glibc's trim threshold and makes every fresh activation page fault: the segmenter's sliding window became ~40 %
-slower on the 2-core CPU (one 96³ forward 4.0–4.5 s unpinned, 5.8–6.7 s pinned; ``benchmarks/README.md``).
+slower on the 2-core CPU (one 96³ forward 4.0–4.5 s unpinned, 5.8–6.7 s pinned; ``BENCHMARKS.md``).
 Instead, :func:`release_free_memory` hands the free heap pages back (``malloc_trim``) once per stage, where the
 freed buffers of the stage are known to be garbage, and malloc keeps its fast dynamic behaviour inside a stage.
 
