@@ -55,6 +55,18 @@ def add_case_arguments(p) -> None:
     p.add_argument("--reuse", action="store_true", help="reuse data and models already prepared in --workdir")
 
 
+def add_run_arguments(p, timeout: float) -> None:
+    """The options every script on this case takes besides the case's own: per-run timeout, threads, JSON output."""
+    p.add_argument("--timeout", type=float, default=timeout, help="seconds per run (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="CPU threads (nnUNet_def_n_proc); default: all cores")
+    p.add_argument("--json", type=Path, help="write all numbers here")
+
+
+def run_threads(args) -> int | None:
+    """``--threads``, else every core on a CPU; on a GPU nnU-Net's own default (None)."""
+    return args.threads or (os.cpu_count() if args.device == "cpu" else None)
+
+
 def resample_to(image, size=None, spacing=None, *, labels: bool = False):
     """``image`` over its own physical extent on a new grid of ``size`` (x, y, z) or ``spacing``.
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import _benchlib as lib
-from _cascade_case import CASE_ID, add_case_arguments, case_workdir, prepare
+from _cascade_case import CASE_ID, add_case_arguments, add_run_arguments, case_workdir, prepare, run_threads
 from _cascade_runs import run_worker
 from _cascade_workers import worker_command
 
@@ -70,9 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "map into a different largest component)",
     )
     p.add_argument("--tolerance", type=float, default=0.99, help="Dice per label vs the baseline (default: 0.99)")
-    p.add_argument("--timeout", type=float, default=3600)
-    p.add_argument("--threads", type=int, help="CPU threads (nnUNet_def_n_proc); default: all cores")
-    p.add_argument("--json", type=Path, help="write all numbers here")
+    add_run_arguments(p, timeout=3600)
     return p.parse_args(argv)
 
 
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     with case_workdir(args) as workdir:
         prepared = prepare(args, workdir)
         models = prepared["models"]
-        threads = args.threads or (os.cpu_count() if args.device == "cpu" else None)
+        threads = run_threads(args)
         env = lib.nnunet_env(workdir, n_proc=threads)
         fit = None
         segmenter = args.segmenter

@@ -15,10 +15,9 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import _benchlib as lib
-from _cascade_case import add_case_arguments, case_workdir, prepare
+from _cascade_case import add_case_arguments, add_run_arguments, case_workdir, prepare, run_threads
 from _cascade_runs import sampled_run
 
 
@@ -39,9 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="auto",
         help="stock nnUNetv2_predict -npp 3 -nps 3 on the folder (auto: on CUDA only)",
     )
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
-    p.add_argument("--threads", type=int, help="CPU threads (nnUNet_def_n_proc); default: all cores")
-    p.add_argument("--json", type=Path, help="write all numbers here")
+    add_run_arguments(p, timeout=3600)
     return p.parse_args(argv)
 
 
@@ -60,7 +57,7 @@ def main(argv=None) -> int:
         folder.mkdir()
         for i in range(args.cases):
             os.link(prepared["input"], folder / f"CASE{i:03d}_0000.nii.gz")
-        threads = args.threads or (os.cpu_count() if args.device == "cpu" else None)
+        threads = run_threads(args)
         env = lib.nnunet_env(workdir, n_proc=threads)
         if args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""

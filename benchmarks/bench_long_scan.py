@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import _benchlib as lib
-from _cascade_case import add_case_arguments, case_workdir, prepare, resample_to
+from _cascade_case import add_case_arguments, add_run_arguments, case_workdir, prepare, resample_to, run_threads
 from _cascade_runs import run_worker, sampled_run
 
 
@@ -55,9 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "bench_cascade_accuracy.py fitted: the post-processing's memory depends on how fragmented the "
         "label map is, and an untrained segmenter's noise is its worst case",
     )
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("--threads", type=int, help="CPU threads (nnUNet_def_n_proc); default: all cores")
-    p.add_argument("--json", type=Path, help="write all numbers here")
+    add_run_arguments(p, timeout=1800)
     return p.parse_args(argv)
 
 
@@ -71,7 +69,7 @@ def main(argv=None) -> int:
     with case_workdir(args) as workdir:
         prepared = prepare(args, workdir)
         models = prepared["models"]
-        threads = args.threads or (os.cpu_count() if args.device == "cpu" else None)
+        threads = run_threads(args)
         env = lib.nnunet_env(workdir, n_proc=threads)
         if args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
