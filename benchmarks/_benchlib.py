@@ -210,6 +210,14 @@ def busy_warning(threshold: float = 0.5) -> str | None:
     )
 
 
+def announce_busy() -> str | None:
+    """:func:`busy_warning`, printed at once (before the minutes of work it warns about) and returned for the report."""
+    busy = busy_warning()
+    if busy:
+        print(busy, flush=True)
+    return busy
+
+
 def describe_environment(info: Mapping[str, Any]) -> str:
     threads = f"{info['cpu_count']} CPU cores, torch threads {info['torch_threads']}"
     return (

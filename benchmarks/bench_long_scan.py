@@ -62,9 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    busy = lib.busy_warning()
-    if busy:
-        print(busy, flush=True)
+    busy = lib.announce_busy()
     load_before = list(os.getloadavg())
     with case_workdir(args) as workdir:
         prepared = prepare(args, workdir)

@@ -599,9 +599,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
 
         samflare_plans = derive_samflare_plans(nnunet_plans)
 
-    busy = lib.busy_warning()
-    if busy:
-        print(busy, flush=True)
+    busy = lib.announce_busy()
     specs = build_specs(args, nnunet_plans, dataset_json, samflare_plans)
     options = {"device": args.device, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
     info = lib.environment_info(args.device)

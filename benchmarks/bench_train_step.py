@@ -263,9 +263,7 @@ def main(argv=None) -> int:
             s.name: s
             for s in networks.build_specs(spec_args, nnunet_plans, dataset_json, derive_samflare_plans(nnunet_plans))
         }
-        busy = lib.busy_warning()
-        if busy:
-            print(busy, flush=True)
+        busy = lib.announce_busy()
         options = {
             "device": args.device,
             "warmup": args.warmup,
