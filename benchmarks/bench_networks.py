@@ -320,17 +320,7 @@ def worker(spec_file: Path, mode: str, result_file: Path) -> None:
             with autocast():
                 output = network(x)
                 loss = loss_fn(output, targets)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-                optimizer.step()
-            return loss.detach().cpu().item()  # nnUNetTrainer.train_step also pulls the loss to the host
+            return backward_and_step(loss, network, optimizer, scaler)
     else:
         network.eval()
 
@@ -377,6 +367,24 @@ def worker(spec_file: Path, mode: str, result_file: Path) -> None:
         result["peak_MB"] = result["peak_rss_delta_MB"]
         result["peak_kind"] = "peak RSS minus RSS after imports, model, inputs and optimizer construction"
     result_file.write_text(json.dumps(result), encoding="utf-8")
+
+
+def backward_and_step(loss, network, optimizer, scaler) -> float:
+    """What ``nnUNetTrainer.train_step`` does after the loss: backward (scaled under AMP), gradient norm clipped at
+    12, optimizer step; the loss comes back to the host, as nnU-Net pulls it there too."""
+    import torch
+
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        optimizer.step()
+    return loss.detach().cpu().item()
 
 
 class _null_context:

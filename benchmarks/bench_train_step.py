@@ -80,17 +80,7 @@ def worker(payload_file: Path, result_file: Path) -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=True) if cuda else networks._null_context():
             loss = loss_fn(model(x), targets)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-            optimizer.step()
-        return loss.detach().cpu().item()
+        return networks.backward_and_step(loss, network, optimizer, scaler)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
