@@ -79,6 +79,8 @@ def run_worker(
 
 
 def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
+    from nnunet_samflare.inference.api import FAST_OPTIONS
+
     models = prepared["models"]
     device = args.device
     threads = args.threads or (os.cpu_count() if device == "cpu" else None)
@@ -123,7 +125,10 @@ def run_all(args, workdir: Path, prepared: dict) -> dict[str, dict]:
                 "output": str(out),
                 "warmup": warmup,
                 "repeats": args.repeats,
-                "predictor_options": {"fast_layers": args.fast_layers == "on", "channels_last": args.fast},
+                "predictor_options": {
+                    "fast_layers": args.fast_layers == "on",
+                    **{option: args.fast for option in FAST_OPTIONS},
+                },
             }
             runs[name] = run_worker(name, "samflare", spec, sam_env, workdir, args.timeout, interval)
         elif name == "samflare-cli":

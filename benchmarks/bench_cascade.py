@@ -203,7 +203,7 @@ def report(columns: dict[str, dict], runs: dict, prepared: dict, args) -> str:
         f"In-process: median of {args.repeats} timed case(s) after {warmups} warm-up case(s). Settings: each "
         "tool's defaults (samflare: no TTA, uniform tile blending; nnU-Net: Gaussian blending), tile step 0.5, "
         "fold 0, untrained weights."
-        + (" samflare with --fast (segmenter in channels-last memory format)." if args.fast else "")
+        + (" samflare with --fast (segmenter channels-last, bfloat16 on a CPU that has it)." if args.fast else "")
         + (" samflare with the fast layers on." if args.fast_layers == "on" else "")
         + (f" samflare from the source tree {args.source}." if args.source else "")
         + f" Memory sampled every {args.sample_interval:g} s."
@@ -271,7 +271,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--fast",
         action="store_true",
-        help="samflare runs with --fast (the segmenter in channels-last memory format)",
+        help="samflare runs with --fast (the segmenter in channels-last memory format, CPU bfloat16 autocast)",
     )
     p.add_argument(
         "--fast-layers",

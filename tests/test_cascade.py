@@ -74,6 +74,40 @@ def labels(path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+def test_plugin_models_load_as_nnunet_loads_them_without_its_trainer_lookup(models, predictor):
+    """The loader builds our networks from the plans (inference/cascade.py): the same predictor state as nnU-Net's
+    initialize_from_trained_model_folder, and nnUNetTrainer (3.8 s of imports and lookup) is never imported."""
+    import sys
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_samflare.inference.cascade import available_folds
+
+    for folder, ours in zip(models, (predictor.locator, predictor.segmenter)):
+        stock = nnUNetPredictor(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+        stock.initialize_from_trained_model_folder(str(folder), available_folds(folder, "checkpoint_final.pth"))
+        assert type(ours.network) is type(stock.network)
+        assert ours.trainer_name == stock.trainer_name and ours.allowed_mirroring_axes == stock.allowed_mirroring_axes
+        assert ours.configuration_manager.configuration == stock.configuration_manager.configuration
+        assert ours.plans_manager.plans == stock.plans_manager.plans and ours.dataset_json == stock.dataset_json
+        assert len(ours.list_of_parameters) == len(stock.list_of_parameters)
+        theirs = stock.network.state_dict()
+        assert ours.network.state_dict().keys() == theirs.keys()
+        for key, value in ours.network.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
+    code = (
+        "import sys\n"
+        "from nnunet_samflare.inference.cascade import CascadePredictor\n"
+        "CascadePredictor(sys.argv[1], sys.argv[2], device='cpu')\n"
+        "print('IMPORTED', 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, models)], capture_output=True, encoding="utf-8", timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "IMPORTED False" in result.stdout
+
+
 def test_in_process_and_composed_paths_agree_voxel_for_voxel(trained_models, tmp_path, ct):
     """samflare predict == samflare locate → stock nnUNetv2_predict → samflare uncrop → samflare postprocess.
 
@@ -391,3 +425,31 @@ def test_fast_changes_only_the_float_rounding(predictor, models, ct):
         for p in fast.segmenter.network.parameters()
     )
     assert (result.segmentation == reference.segmentation).mean() > 0.999
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_only_where_the_cpu_has_native_bfloat16(models, monkeypatch, native):
+    """--fast asks for bfloat16 autocast on a CPU; a CPU that would emulate bfloat16 keeps float32."""
+    import nnunet_samflare.inference.tiling as tiling
+    from nnunet_samflare.inference.api import FAST_OPTIONS
+
+    monkeypatch.setattr(tiling, "cpu_has_native_bf16", lambda: native)
+    fast = CascadePredictor(*models, device="cpu", **FAST_OPTIONS)
+    assert fast.segmenter.cpu_autocast_dtype == (torch.bfloat16 if native else None)
+    assert fast.locator.cpu_autocast_dtype is None  # the ROI comes from the float32 locator
+    assert CascadePredictor(*models, device="cpu").segmenter.cpu_autocast_dtype is None  # the default
+
+
+def test_fast_flag_turns_on_every_fast_option():
+    from nnunet_samflare.cli import build_parser
+    from nnunet_samflare.cli._models import predictor_options
+    from nnunet_samflare.inference.api import FAST_OPTIONS
+
+    def options(*flags):
+        command = ["predict", "-i", "in", "-o", "out", "--locator", "L", "--segmenter", "S", *flags]
+        args = build_parser().parse_args(command)
+        chosen = predictor_options(args)
+        return {name: chosen[name] for name in FAST_OPTIONS}
+
+    assert options("--fast") == {name: True for name in FAST_OPTIONS}
+    assert options() == {name: False for name in FAST_OPTIONS}

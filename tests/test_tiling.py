@@ -24,6 +24,7 @@ class StandIn(nn.Module):
         self.fail_on_call: int | None = None
         self.outputs: list[weakref.ref] = []
         self.inputs: list[weakref.ref] = []
+        self.output_dtypes: list[torch.dtype] = []
 
     def forward(self, x):
         self.calls += 1
@@ -31,6 +32,7 @@ class StandIn(nn.Module):
         if self.calls == self.fail_on_call:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (stand-in)")
         out = self.conv(x)
+        self.output_dtypes.append(out.dtype)
         self.outputs.append(weakref.ref(out))
         return out
 
@@ -64,6 +66,30 @@ def test_batched_tiles_give_nnunets_logits(gaussian, mirroring):
     assert n_tiles == 36  # 3 x 3 x 4 tiles of 16³ in batches of 5: the last batch is partial
     assert batched_predictor.network.calls == 8 * (8 if mirroring else 1)
     torch.testing.assert_close(batched, reference, atol=1e-3, rtol=1e-3)  # fp16 accumulation in both
+
+
+@pytest.mark.parametrize("tile_batch_size", [1, 4])
+def test_cpu_autocast_runs_every_tile_in_bfloat16_and_hands_nnunet_float32(tile_batch_size, monkeypatch):
+    # Uniform blending (the cascade's default): Gaussian weights near the border are tiny, and nnU-Net's division
+    # by their sum magnifies any rounding there.
+    reference = predictor(1, gaussian=False).predict_sliding_window_return_logits(IMAGE)
+    p = predictor(tile_batch_size, gaussian=False)
+    p.cpu_autocast_dtype = torch.bfloat16
+    handed_to_nnunet = []
+    original = TileBatchingPredictor._internal_maybe_mirror_and_predict
+
+    def spy(self, x):
+        prediction = original(self, x)
+        handed_to_nnunet.append(prediction.dtype)
+        return prediction
+
+    monkeypatch.setattr(TileBatchingPredictor, "_internal_maybe_mirror_and_predict", spy)
+    logits = p.predict_sliding_window_return_logits(IMAGE)
+    assert p.network.output_dtypes and set(p.network.output_dtypes) == {torch.bfloat16}
+    assert set(handed_to_nnunet) == {torch.float32} and len(handed_to_nnunet) == 36
+    assert not torch.is_autocast_enabled("cpu")  # the context ends with the call
+    torch.testing.assert_close(logits.float(), reference.float(), atol=5e-2, rtol=2e-2)  # bfloat16: 8-bit mantissa
+    assert not torch.equal(logits, reference)  # bfloat16 really changed the rounding
 
 
 @pytest.mark.parametrize("tile_batch_size", [1, 4])

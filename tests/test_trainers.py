@@ -170,6 +170,28 @@ def test_training_lengths_are_nnunets_and_found_by_stock_lookup():
     assert found == [[name, "nnunet_samflare.training.trainers", n] for name, n in zip(names, expected_epochs)]
 
 
+def test_plugin_trainer_names_are_exactly_the_packages_trainers_and_none_builds_its_own_network():
+    """Inference builds the networks of these names from the plans without importing the class (cascade.py)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_samflare.training import partial_labels
+    from nnunet_samflare.training.names import plugin_trainer_names
+
+    classes = {
+        name: cls
+        for module in (trainers, partial_labels)
+        for name, cls in vars(module).items()
+        if isinstance(cls, type)
+        and issubclass(cls, nnUNetTrainer)
+        and cls.__module__ == module.__name__
+        and not name.startswith("_")
+        and name != "nnUNetTrainer_SAMFlareBase"
+    }
+    assert set(classes) == plugin_trainer_names()
+    for cls in classes.values():
+        assert cls.build_network_architecture is nnUNetTrainer.build_network_architecture, cls.__name__
+
+
 def test_variants_for_another_base_class_are_module_level():
     namespace = {"__name__": "some_plugin_module"}
 

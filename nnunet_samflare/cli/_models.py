@@ -37,8 +37,9 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
     s.add_argument(
         "--fast",
         action="store_true",
-        help="segmenter in channels-last memory format: the same function, ~2x faster on a CPU, but its "
-        "float rounding differs from stock nnUNetv2_predict's (labels may differ at a few voxels)",
+        help="segmenter in channels-last memory format and, on a CPU with native bfloat16 (AVX512-BF16, AMX), "
+        "under bfloat16 autocast: ~2.5x faster on such a CPU; the rounding differs from stock "
+        "nnUNetv2_predict's, so labels may differ at some boundary voxels (measured in BENCHMARKS.md)",
     )
 
 
@@ -55,6 +56,8 @@ def add_fail_fast_argument(p: argparse.ArgumentParser) -> None:
 def predictor_options(args: argparse.Namespace) -> dict:
     """The :func:`nnunet_samflare.inference.api.build_predictor` options of these flags (the defaults for flags a
     command does not offer)."""
+    from nnunet_samflare.inference.api import FAST_OPTIONS
+
     defaults = {
         "step_size": 0.5,
         "tta": False,
@@ -84,5 +87,5 @@ def predictor_options(args: argparse.Namespace) -> dict:
         gaussian=args.gaussian,
         margin_mm=args.margin_mm,
         tile_batch=args.tile_batch,
-        channels_last=args.fast,
+        **{option: args.fast for option in FAST_OPTIONS},
     )

@@ -63,6 +63,7 @@ from nnunet_samflare.training.names import (  # the configuration names stay imp
     LOCATOR_TRAINER,
     SEGMENTER_CONFIGURATION,  # noqa: F401
     SEGMENTER_TRAINER,
+    plugin_trainer_names,
 )
 from nnunet_samflare.training.plans import transposed
 from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM as _DEFAULT_ROI_MARGIN_MM
@@ -111,11 +112,13 @@ def load_predictor(
     tile_batch_size: int = 1,
     fast_layers: bool = False,
     channels_last: bool = False,
+    cpu_bf16: bool = False,
 ):
     """An initialised ``nnUNetPredictor`` for one model folder; a clear one-line error if it is not usable.
     ``fast_layers`` swaps layers with slow kernels for identical faster forms (``networks.fast_paths``);
-    ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format (see :class:`CascadePredictor`)."""
-    from nnunet_samflare.inference.tiling import TileBatchingPredictor
+    ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format and ``cpu_bf16`` under bfloat16
+    autocast on a CPU that has native bfloat16 (see :class:`CascadePredictor`)."""
+    from nnunet_samflare.inference.tiling import TileBatchingPredictor, cpu_has_native_bf16
     from nnunet_samflare.networks.fast_paths import use_fast_paths
 
     folder = Path(folder)
@@ -142,8 +145,10 @@ def load_predictor(
             verbose_preprocessing=False,
             allow_tqdm=False,
         )
-        predictor.initialize_from_trained_model_folder(str(folder), list(folds), checkpoint_name)
+        initialize_from_model_folder(predictor, folder, folds, checkpoint_name)
     predictor.tile_batch_size = tile_batch_size
+    if cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16():
+        predictor.cpu_autocast_dtype = torch.bfloat16
     if fast_layers:
         use_fast_paths(predictor.network)
     if len(predictor.list_of_parameters) == 1:
@@ -156,6 +161,56 @@ def load_predictor(
     if len(predictor.list_of_parameters) == 1:
         predictor.list_of_parameters = [predictor.network.state_dict()]
     return predictor
+
+
+def initialize_from_model_folder(predictor, folder: Path, folds: Sequence[int | str], checkpoint_name: str) -> None:
+    """``predictor.initialize_from_trained_model_folder``, without nnU-Net's trainer lookup for the plug-in's own
+    trainers.
+
+    At inference nnU-Net needs the trainer class only for its ``build_network_architecture``. To find the class by
+    name it imports every module of its own trainer package, then the plug-in's, and with them nnUNetTrainer's
+    logging and plotting stack: 3.8 s of the 6.6 s that loading both models took on the 2-core CPU. None of the
+    plug-in's trainers overrides that method (``tests/test_trainers.py``), so their networks are built here as
+    nnUNetTrainer builds them, from the plans, and handed to nnU-Net's ``manual_initialization``; any other trainer
+    goes through nnU-Net's own path. Checkpoints are memory-mapped: the optimizer state they also hold is never read.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    checkpoints = [
+        torch.load(folder / f"fold_{fold}" / checkpoint_name, map_location="cpu", weights_only=False, mmap=True)
+        for fold in folds
+    ]
+    trainer_name = checkpoints[0]["trainer_name"]
+    if trainer_name not in plugin_trainer_names():
+        del checkpoints
+        predictor.initialize_from_trained_model_folder(str(folder), list(folds), checkpoint_name)
+        return
+    plans_manager = PlansManager(load_json(str(folder / "plans.json")))
+    dataset_json = load_json(str(folder / "dataset.json"))
+    configuration = plans_manager.get_configuration(checkpoints[0]["init_args"]["configuration"])
+    network = get_network_from_plans(
+        configuration.network_arch_class_name,
+        configuration.network_arch_init_kwargs,
+        configuration.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        allow_init=True,
+        deep_supervision=False,
+    )
+    parameters = [checkpoint["network_weights"] for checkpoint in checkpoints]
+    network.load_state_dict(parameters[0])
+    predictor.manual_initialization(
+        network,
+        plans_manager,
+        configuration,
+        parameters,
+        dataset_json,
+        trainer_name,
+        checkpoints[0].get("inference_allowed_mirroring_axes"),
+    )
 
 
 def _to_channels_last(module, args):
@@ -248,9 +303,12 @@ class CascadePredictor:
     opt-in: it measured no faster on a CPU and is unmeasured on a GPU (``benchmarks/gpu_check.sh`` compares).
     ``channels_last`` runs the segmenter in ``torch.channels_last_3d`` memory format: the same function (outputs
     equal to float rounding), and on a CPU oneDNN's channels-last convolutions plus token reshapes that become
-    views made the segmenter about twice as fast (``BENCHMARKS.md``). It is off by default because its float
-    rounding differs from stock ``nnUNetv2_predict``'s, which would break the bit-identity of the composed path
-    (``samflare locate`` → ``nnUNetv2_predict`` → ``samflare uncrop``); ``samflare predict --fast`` turns it on.
+    views made the segmenter about twice as fast (``BENCHMARKS.md``). ``cpu_bf16`` runs the segmenter under
+    bfloat16 autocast on a CPU with native bfloat16 instructions (ignored elsewhere, and on CUDA, where nnU-Net's
+    own fp16 autocast applies): another ~2× on the 2-core VM, at the cost of bfloat16 rounding of the logits
+    (labels against the float32 default in ``BENCHMARKS.md``). Both are off by default because their rounding
+    differs from stock ``nnUNetv2_predict``'s, which would break the bit-identity of the composed path (``samflare
+    locate`` → ``nnUNetv2_predict`` → ``samflare uncrop``); ``samflare predict --fast`` turns both on.
     """
 
     def __init__(
@@ -270,6 +328,7 @@ class CascadePredictor:
         tile_batch_size: int | None = None,
         fast_layers: bool = False,
         channels_last: bool = False,
+        cpu_bf16: bool = False,
     ):
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         settings = dict(
@@ -284,7 +343,12 @@ class CascadePredictor:
             tile_batch_size = 2 if self.device.type == "cuda" else 1
         self.locator = load_predictor(locator_folder, folds, **settings)
         self.segmenter = load_predictor(
-            segmenter_folder, folds, tile_batch_size=tile_batch_size, channels_last=channels_last, **settings
+            segmenter_folder,
+            folds,
+            tile_batch_size=tile_batch_size,
+            channels_last=channels_last,
+            cpu_bf16=cpu_bf16,
+            **settings,
         )
         self.roi_margin_mm = roi_margin_mm
         self.min_component_mm3 = min_component_mm3

@@ -8,10 +8,17 @@ memory after a CUDA out-of-memory error — and changes only what one call of it
 forward pass and hands the others out on the following calls. nnU-Net asks for the tiles in the order of its
 slicers, so the batch can be read from the same padded data at the same slicers. When an attempt fails, what it
 held is released before nnU-Net's retry (``tests/test_tiling.py`` forces that path with a stand-in network).
+
+The same per-tile hook is where nnU-Net decides on mixed precision: autocast on CUDA, float32 elsewhere.
+``cpu_autocast_dtype`` adds bfloat16 autocast on a CPU (``samflare predict --fast``): on a CPU with native
+bfloat16 instructions (AVX512-BF16, AMX) oneDNN's bfloat16 convolutions halved the segmenter's forward pass on the
+2-core VM (``BENCHMARKS.md``); elsewhere bfloat16 is emulated and slower, so :func:`cpu_has_native_bf16` decides.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import traceback
 from collections import deque
 
@@ -40,10 +47,21 @@ class _TileBatches:
         return self.ready.popleft()
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU with native instructions (not emulated)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without the query
+        return False
+
+
 class TileBatchingPredictor(nnUNetPredictor):
-    """``nnUNetPredictor`` that predicts ``tile_batch_size`` tiles per network call (1 = nnU-Net unchanged)."""
+    """``nnUNetPredictor`` that predicts ``tile_batch_size`` tiles per network call (1 = nnU-Net unchanged) and,
+    with ``cpu_autocast_dtype`` set, runs the network under CPU autocast (predictions returned as float32)."""
 
     tile_batch_size: int = 1
+    cpu_autocast_dtype: torch.dtype | None = None
     _batches: _TileBatches | None = None
 
     @torch.inference_mode()
@@ -70,6 +88,10 @@ class TileBatchingPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        if self._batches is None:
-            return super()._internal_maybe_mirror_and_predict(x)
-        return self._batches.take(x)
+        autocast = self.cpu_autocast_dtype is not None and self.device.type == "cpu"
+        with torch.autocast("cpu", dtype=self.cpu_autocast_dtype) if autocast else contextlib.nullcontext():
+            if self._batches is None:
+                prediction = super()._internal_maybe_mirror_and_predict(x)
+            else:
+                prediction = self._batches.take(x)
+        return prediction.float() if autocast else prediction

@@ -15,6 +15,7 @@ from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler
+from nnunet_samflare.training.names import TRAINING_LENGTHS, training_length_name
 from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM, TRAINING_ROI_MARGIN_MM, ForegroundBoxDataset
 from nnunet_samflare.training.roi_validation import validate_segmenter_in_roi
 
@@ -24,10 +25,6 @@ __all__ = [
     "nnUNetTrainer_SAMFlareLocatorDebug",
     "nnUNetTrainer_SAMFlareSegmenterDebug",
 ]  # + the training-length variants, defined at the end of the module
-
-#: The training lengths nnU-Net offers as ``nnUNetTrainer_<N>epochs`` (nnunetv2/training/nnUNetTrainer/variants/
-#: training_length/nnUNetTrainer_Xepochs.py); each trainer of this plug-in gets the same set.
-TRAINING_LENGTHS = (1, 5, 10, 20, 50, 100, 250, 500, 750, 2000, 4000, 8000)
 
 # nnUNetTrainer's own default device, shared by the signatures below (nnU-Net inspects them).
 _CUDA = torch.device("cuda")
@@ -213,11 +210,6 @@ class nnUNetTrainer_SAMFlareLocatorDebug(_SmokeTestLength, nnUNetTrainer_SAMFlar
 class nnUNetTrainer_SAMFlareSegmenterDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenter):
     # An untrained locator boxes the whole scan: the cascade pass would cost more than the rest of the run.
     cascade_validation = False
-
-
-def training_length_name(base_name: str, epochs: int) -> str:
-    """nnU-Net's naming: ``<base>_1epoch``, ``<base>_5epochs``, ..."""
-    return f"{base_name}_{epochs}epoch" if epochs == 1 else f"{base_name}_{epochs}epochs"
 
 
 def define_training_length_variants(
