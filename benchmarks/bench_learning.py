@@ -11,10 +11,10 @@ except the results folder):
    context) and, separately, on the training slices. One patient either way: unseen slices of a seen patient,
    not unseen patients.
 2. **Plans.** Stock ``nnUNetv2_plan_and_preprocess -c 3d_fullres``, ``samflare plan`` with the preset's segmenter
-   spacing/patch (``--preset cpu``: 3 mm, the scans' own spacing, and 48³, whose step costs 2.1 s against 5.8 s
-   at 64³ on 2 cores, BENCHMARKS.md "Learning";
-   ``--preset gpu``: the paper's 2.0/1.5/1.5 mm and 96³), ``nnUNetv2_preprocess`` of both plug-in
-   configurations. Not counted in the training budget; timed and reported.
+   spacing/patch (``--preset cpu``: 6 mm and 32³, the demo's plan, whose step costs ~1.1 s against ~2.7 s at 3 mm /
+   48³ on 2 cores, so that 2.5× more iterations fit in the budget, while a 192 mm patch still holds most of the
+   abdomen; BENCHMARKS.md "Learning" has runs of both plans; ``--preset gpu``: the paper's 2.0/1.5/1.5 mm and 96³),
+   ``nnUNetv2_preprocess`` of both plug-in configurations. Not counted in the training budget; timed and reported.
 3. **Training at equal wall-clock.** ``--minutes`` is the budget of the whole run. After preparation, what is
    left minus ``--reserve-minutes`` (prediction and evaluation) is split equally: the cascade (locator
    ``--locator-share`` of its half but at least ``--locator-min-minutes``, then the segmenter) and plain nnU-Net
@@ -65,14 +65,16 @@ TRAINERS = {
     "nnunet": ("3d_fullres", "nnUNetTrainerTimeBudget", "nnUNetPlans"),
 }
 # Settings per preset: segmenter spacing/patch (z, y, x), batch size, minutes, iterations and validation
-# iterations per epoch, reserve for prediction + evaluation, the locator's minimum training time. CPU: 3 mm is the
-# example scans' own spacing; a 48³ step costs 2.1 s against 5.8 s at 64³ (BENCHMARKS.md, "Learning"). The
-# locator's minimum: on the CPU, 25 locator iterations (49 s) found no abdomen at inference (the cascade then
-# predicts nothing) where 50 (1.7 min) gave ROI recall 0.99.
+# iterations per epoch, reserve for prediction + evaluation, the locator's minimum training time. CPU: the
+# smaller organs appear only after a few hundred segmenter iterations, so the plan that fits the most iterations
+# into the budget wins: at 3 mm / 48³ (the scans' own spacing) a 30-minute run made 225 iterations and learned
+# the liver only; at 6 mm / 32³ it made 550 and learned most organs (BENCHMARKS.md, "Learning"). The locator's
+# minimum: on the CPU, 25 locator iterations (49 s) found no abdomen at inference (the cascade then predicts
+# nothing) where 50 (1.7 min) gave ROI recall 0.99.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
-        segmenter_spacing=[3.0, 3.0, 3.0],
-        segmenter_patch=[48, 48, 48],
+        segmenter_spacing=[6.0, 6.0, 6.0],
+        segmenter_patch=[32, 32, 32],
         batch_size=2,
         minutes=30.0,
         iterations=25,
