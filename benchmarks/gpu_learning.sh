@@ -11,12 +11,8 @@ OUT_DIR=${1:-${OUT:-/tmp/samflare-gpu-learning}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
 
-# The device machine has no package index: nnU-Net and its dependencies come as wheels in .whl/ (README, GPU).
-if [ -d .whl ] && ! "$PY" -c "import nnunetv2" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 2
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} nnUNet_compile=f PYTHONUNBUFFERED=1
+# nnU-Net from the kit's wheels where it is missing, the repository on the path.
+source benchmarks/_device_env.sh
 
 if [ "${GPU_LEARNING_TINY:-0}" = 1 ]; then
   ARGS=(--device cpu --preset gpu --minutes "${GPU_LEARNING_MINUTES:-7}" --reserve-minutes 2
