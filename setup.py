@@ -72,5 +72,5 @@ setup(
         "nvidia-ml-py",
     ],
     extras_require={"test": ["pytest", "ruff", "hypothesis"]},
-    entry_points={"console_scripts": ["samflare = nnunet_samflare.cli:main"]},
+    entry_points={"console_scripts": ["samflare = nnunet_samflare.cli:console_main"]},
 )

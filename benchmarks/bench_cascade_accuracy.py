@@ -30,15 +30,30 @@ from _cascade_runs import run_worker
 from _cascade_workers import worker_command
 
 
-def per_label_dice(maps: dict[str, Path], truth: Path) -> list[dict]:
-    """Per label present in any map: voxels of the baseline, Dice of every other map against the baseline, and
-    of the baseline and the default against the ground truth."""
+def segmenter_voxel_volume(segmenter: Path, scan_spacing) -> float:
+    """How many voxels of the scan one voxel of the segmenter's grid covers: a label flip on that grid shows up
+    as about this many differing voxels in the full-resolution map."""
+    import math
+
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    configuration = segmenter.name.split("__")[-1]  # Trainer__Plans__configuration
+    spacing = PlansManager(load_json(str(segmenter / "plans.json"))).get_configuration(configuration).spacing
+    return math.prod(spacing) / math.prod(scan_spacing)
+
+
+def per_label_dice(maps: dict[str, Path], truth: Path, segmenter: Path) -> list[dict]:
+    """Per label present in any map: voxels of the baseline, Dice of every other map against the baseline, the
+    voxels where ``--fast`` differs from it (also in segmenter-grid voxels), and the Dice of the baseline and the
+    default against the ground truth."""
     import numpy as np
 
     from nnunet_samflare.evaluation.metrics import dice, read_label_array
 
     arrays = {name: read_label_array(path)[0] for name, path in maps.items()}
-    reference, _ = read_label_array(truth)
+    reference, spacing = read_label_array(truth)
+    coarse = segmenter_voxel_volume(segmenter, spacing)
 
     def both(x, y):  # Dice is undefined for two empty masks
         return dice(x, y) if x.any() or y.any() else None
@@ -51,6 +66,9 @@ def per_label_dice(maps: dict[str, Path], truth: Path) -> list[dict]:
         for name, mask in masks.items():
             if name != "baseline":
                 row[f"dice_{name}_vs_baseline"] = both(mask, masks["baseline"])
+        flipped = int((masks["fast"] != masks["baseline"]).sum())
+        row["fast_differs_voxels"] = flipped
+        row["fast_differs_segmenter_voxels"] = round(flipped / coarse, 1)
         row["dice_baseline_vs_truth"] = both(reference == label, masks["baseline"])
         row["dice_default_vs_truth"] = both(reference == label, masks["default"])
         rows.append(row)
@@ -144,12 +162,14 @@ def main(argv=None) -> int:
                 "file": out / "run0" / f"{CASE_ID}.nii.gz",
                 "result": json.loads(result_file.read_text(encoding="utf-8")),
             }
-        rows = per_label_dice({k: v["file"] for k, v in outputs.items()}, Path(prepared["label"]))
+        rows = per_label_dice({k: v["file"] for k, v in outputs.items()}, Path(prepared["label"]), Path(segmenter))
         columns = [
             ("label", "label"),
             ("voxels_baseline", "voxels, baseline"),
             ("dice_default_vs_baseline", "Dice default vs baseline"),
             ("dice_fast_vs_baseline", "Dice --fast vs baseline"),
+            ("fast_differs_voxels", "--fast differs, voxels"),
+            ("fast_differs_segmenter_voxels", "the same in segmenter-grid voxels"),
             ("dice_baseline_vs_truth", "Dice baseline vs truth"),
             ("dice_default_vs_truth", "Dice default vs truth"),
         ]

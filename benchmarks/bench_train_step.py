@@ -11,7 +11,8 @@ checks outputs and gradients for ``fast``):
 
 * ``plain``: the network as built from the plans;
 * ``fast``: its grouped 1×1×1 convolutions as batched matrix products (``nnunet_samflare.networks.fast_paths``);
-* ``channels_last``: weights and input in ``torch.channels_last_3d`` memory format (cuDNN's NDHWC kernels);
+* ``channels_last``: weights and input in ``torch.channels_last_3d`` memory format (cuDNN's NDHWC kernels), the
+  instance norms as group norms that keep that format, as ``samflare predict --fast`` runs the segmenter;
 * ``fast+channels_last``: both;
 * ``compile``: ``torch.compile`` of the plain network (its compile time is reported apart, from the warm-up).
 
@@ -63,6 +64,9 @@ def worker(payload_file: Path, result_file: Path) -> None:
 
         use_fast_paths(network)
     if "channels_last" in variant:
+        from nnunet_samflare.networks.fast_paths import use_channels_last_norms
+
+        use_channels_last_norms(network)
         network = network.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
     model = torch.compile(network) if variant == "compile" else network

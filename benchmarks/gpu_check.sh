@@ -3,7 +3,8 @@
 # benchmarks/README.md, "GPU"):
 #   1. cascade, file in -> file out, per 512x512x215 case: time and peak GPU memory of `samflare predict`
 #      (in-process stages and the CLI) beside stock `nnUNetv2_predict --disable_tta` on the same case;
-#      then the in-process run again with the segmenter's fast layers on (their effect on the GPU);
+#      then the in-process run again with --fast (on CUDA: the segmenter in channels-last memory format with
+#      layout-keeping norms, under nnU-Net's fp16 autocast; --fast's bfloat16 is for CPUs only);
 #   2. segmenter training step, batch 2 x 96^3, AMP, forward + backward + optimizer, in its same-function
 #      variants, beside nnU-Net's default 3d_fullres network of the same dataset; torch.profiler tables and
 #      Chrome traces of the plain and fast segmenter steps.
@@ -61,8 +62,8 @@ cat "$OUT_DIR/environment.txt"
 cd benchmarks || exit 2
 step cascade 300 "$PY" bench_cascade.py --device "$DEVICE" "${CASE_ARGS[@]}" "${CASCADE_ARGS[@]}" \
   --runs samflare-inprocess samflare-cli nnunet-cli-notta --workdir "$WORK" --reuse --json "$OUT_DIR/cascade.json"
-step cascade_fast_layers 50 "$PY" bench_cascade.py --device "$DEVICE" "${CASE_ARGS[@]}" "${CASCADE_ARGS[@]}" \
-  --runs samflare-inprocess --fast-layers on --workdir "$WORK" --reuse --json "$OUT_DIR/cascade_fast_layers.json"
+step cascade_fast 50 "$PY" bench_cascade.py --device "$DEVICE" "${CASE_ARGS[@]}" "${CASCADE_ARGS[@]}" \
+  --runs samflare-inprocess --fast --workdir "$WORK" --reuse --json "$OUT_DIR/cascade_fast.json"
 PLANS=$(ls "$WORK"/nnUNet_preprocessed/Dataset*/nnUNetPlans.json 2>/dev/null | head -n 1)
 step train_step 130 "$PY" bench_train_step.py --device "$DEVICE" ${PLANS:+--plans "$PLANS"} "${STEP_ARGS[@]}" \
   --profile-dir "$OUT_DIR/profile" --json "$OUT_DIR/train_step.json"

@@ -21,6 +21,7 @@ from nnunet_samflare import predict
 from nnunet_samflare.cli import main as samflare_main
 from nnunet_samflare.inference.cascade import CascadePredictor, preprocessed_to_original_box
 from nnunet_samflare.inference.io import TEMP_PREFIX
+from nnunet_samflare.networks.fast_paths import ChannelsLastInstanceNorm3d
 
 from conftest import (
     DATASET_ID,
@@ -424,6 +425,9 @@ def test_fast_changes_only_the_float_rounding(predictor, models, ct):
         p.dim() == 5 and p.is_contiguous(memory_format=torch.channels_last_3d) and not p.is_contiguous()
         for p in fast.segmenter.network.parameters()
     )
+    norms = [type(m) for m in fast.segmenter.network.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    assert norms and set(norms) == {ChannelsLastInstanceNorm3d}  # no norm converts back to contiguous
+    assert ChannelsLastInstanceNorm3d not in {type(m) for m in predictor.segmenter.network.modules()}
     assert (result.segmentation == reference.segmentation).mean() > 0.999
 
 

@@ -121,3 +121,22 @@ def test_convert_weights_never_leaves_a_half_written_output(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         main(["convert-weights", "--phase", "locator", str(src), str(dst)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["phase1.pth"]
+
+
+def test_console_script_freezes_the_survivors_before_python_shuts_down(monkeypatch):
+    """The installed ``samflare`` runs ``console_main``: ``main``'s exit code, and every live object moved out of
+    the garbage collector's sight, so that shutdown does not spend seconds collecting them."""
+    import gc
+    from importlib.metadata import entry_points
+
+    import nnunet_samflare.cli as cli
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "samflare"]
+    assert script.value == "nnunet_samflare.cli:console_main"
+    monkeypatch.setattr(cli, "main", lambda argv=None: 3)
+    gc.unfreeze()
+    try:
+        assert cli.console_main() == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

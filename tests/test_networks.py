@@ -170,6 +170,33 @@ def test_segmenter_output_shape(segmenter):
     assert isinstance(y, torch.Tensor) and y.shape == (1, 15, 32, 48, 16)
 
 
+def test_full_resolution_logits_in_slabs_are_bit_identical(segmenter):
+    """Without autograd the last up-sampling runs slab by slab (less peak memory); the logits must not change by a
+    single bit, in either memory layout, float32 or under bfloat16 autocast."""
+    calls = []
+    hook = segmenter.decoder.final_up.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[2]))
+    try:
+        x = torch.randn(1, 1, 64, 48, 32, generator=torch.Generator().manual_seed(7))
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            net = segmenter.to(memory_format=layout)
+            inputs = x.contiguous(memory_format=layout)
+            for autocast in (False, True):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    calls.clear()
+                    with torch.enable_grad():
+                        whole = net(inputs).detach()
+                    assert calls == [32]
+                    calls.clear()
+                    with torch.inference_mode():
+                        slabs = net(inputs)
+                    assert calls == [8, 8, 8, 8]
+                assert torch.equal(slabs, whole)
+                assert slabs.is_contiguous(memory_format=layout) == whole.is_contiguous(memory_format=layout)
+    finally:
+        hook.remove()
+        segmenter.to(memory_format=torch.contiguous_format)
+
+
 def test_locator_deep_supervision_flag(locator):
     x = torch.randn(1, 1, 64, 64, 64)
     keys = set(locator.state_dict())

@@ -8,7 +8,12 @@ import copy
 import torch
 
 from nnunet_samflare.networks import SAMHybridUNet
-from nnunet_samflare.networks.fast_paths import GroupedPointwiseConv3d, use_fast_paths
+from nnunet_samflare.networks.fast_paths import (
+    ChannelsLastInstanceNorm3d,
+    GroupedPointwiseConv3d,
+    use_channels_last_norms,
+    use_fast_paths,
+)
 
 
 def small_segmenter() -> SAMHybridUNet:
@@ -64,3 +69,56 @@ def test_fast_segmenter_equals_plain_outputs_gradients_and_parameters():
     reloaded.load_state_dict(fast.state_dict())
     use_fast_paths(reloaded)
     reloaded.load_state_dict(plain.state_dict())
+
+
+def test_channels_last_instance_norm_equals_the_plain_layer_and_keeps_the_layout():
+    torch.manual_seed(4)
+    for affine in (False, True):
+        plain = torch.nn.InstanceNorm3d(6, affine=affine)
+        if affine:
+            torch.nn.init.normal_(plain.weight), torch.nn.init.normal_(plain.bias)
+        fast = copy.deepcopy(plain)
+        fast.__class__ = ChannelsLastInstanceNorm3d
+        x = (3 * torch.randn(2, 6, 5, 6, 7) + 1).to(memory_format=torch.channels_last_3d).requires_grad_()
+        x_fast = x.detach().clone(memory_format=torch.channels_last_3d).requires_grad_()
+        out, out_fast = plain(x), fast(x_fast)
+        torch.testing.assert_close(out_fast, out)
+        assert out_fast.is_contiguous(memory_format=torch.channels_last_3d)  # the point of the layer
+        assert not out.is_contiguous(memory_format=torch.channels_last_3d)  # what the plain one does
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out_fast.backward(grad)
+        torch.testing.assert_close(x_fast.grad, x.grad)
+        if affine:
+            torch.testing.assert_close(fast.weight.grad, plain.weight.grad)
+            torch.testing.assert_close(fast.bias.grad, plain.bias.grad)
+    unbatched = torch.randn(6, 5, 6, 7)  # nn.InstanceNorm3d also takes (C, D, H, W): left to the plain layer
+    torch.testing.assert_close(fast(unbatched), plain(unbatched))
+
+
+def test_segmenter_with_channels_last_norms_equals_plain_outputs_and_gradients():
+    plain = small_segmenter()
+    fast = copy.deepcopy(plain)
+    expected = sum(type(m) is torch.nn.InstanceNorm3d for m in plain.modules())
+    assert expected > 0 and use_channels_last_norms(fast) == expected
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    fast.to(memory_format=torch.channels_last_3d)
+
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))
+    x_last = x.contiguous(memory_format=torch.channels_last_3d)
+    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(6))
+    # Gradients in float64: in float32, oneDNN's channels-last convolution backward alone differs from the
+    # contiguous one by up to a few % of a small weight gradient on the CPU, which would hide what the norms do.
+    losses = []
+    for network, inputs in ((plain, x), (fast, x_last)):
+        network.double().train()
+        loss = torch.nn.functional.cross_entropy(network(inputs.double()), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = dict(plain.named_parameters())
+    for name, parameter in fast.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name)
+    plain.float().eval(), fast.float().eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x_last), plain(x), rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
         "--fast",
         action="store_true",
         help="segmenter in channels-last memory format and, on a CPU with native bfloat16 (AVX512-BF16, AMX), "
-        "under bfloat16 autocast: ~2.5x faster on such a CPU; the rounding differs from stock "
+        "under bfloat16 autocast: ~2.8x faster segmenter on such a CPU; the rounding differs from stock "
         "nnUNetv2_predict's, so labels may differ at some boundary voxels (measured in BENCHMARKS.md)",
     )
 

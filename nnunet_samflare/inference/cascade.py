@@ -119,7 +119,7 @@ def load_predictor(
     ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format and ``cpu_bf16`` under bfloat16
     autocast on a CPU that has native bfloat16 (see :class:`CascadePredictor`)."""
     from nnunet_samflare.inference.tiling import TileBatchingPredictor, cpu_has_native_bf16
-    from nnunet_samflare.networks.fast_paths import use_fast_paths
+    from nnunet_samflare.networks.fast_paths import use_channels_last_norms, use_fast_paths
 
     folder = Path(folder)
     for required in ("plans.json", "dataset.json"):
@@ -158,6 +158,7 @@ def load_predictor(
     if channels_last:
         predictor.network.to(memory_format=torch.channels_last_3d)
         predictor.network.register_forward_pre_hook(_to_channels_last)
+        use_channels_last_norms(predictor.network)  # else each instance norm converts to contiguous and back
     if len(predictor.list_of_parameters) == 1:
         predictor.list_of_parameters = [predictor.network.state_dict()]
     return predictor
@@ -301,9 +302,10 @@ class CascadePredictor:
     batching gains nothing and 1 keeps results bit-identical to stock nnUNetv2_predict). ``fast_layers`` evaluates
     the segmenter's grouped 1×1×1 convolutions as matrix products (the same function, ``networks.fast_paths``);
     opt-in: it measured no faster on a CPU and is unmeasured on a GPU (``benchmarks/gpu_check.sh`` compares).
-    ``channels_last`` runs the segmenter in ``torch.channels_last_3d`` memory format: the same function (outputs
-    equal to float rounding), and on a CPU oneDNN's channels-last convolutions plus token reshapes that become
-    views made the segmenter about twice as fast (``BENCHMARKS.md``). ``cpu_bf16`` runs the segmenter under
+    ``channels_last`` runs the segmenter in ``torch.channels_last_3d`` memory format, its instance norms as group
+    norms that keep that format (``networks.fast_paths``): the same function (outputs equal to float rounding),
+    and on a CPU oneDNN's channels-last convolutions plus token reshapes that become views made the segmenter
+    1.7× faster (``BENCHMARKS.md``). ``cpu_bf16`` runs the segmenter under
     bfloat16 autocast on a CPU with native bfloat16 instructions (ignored elsewhere, and on CUDA, where nnU-Net's
     own fp16 autocast applies): another ~2× on the 2-core VM, at the cost of bfloat16 rounding of the logits
     (labels against the float32 default in ``BENCHMARKS.md``). Both are off by default because their rounding

