@@ -64,10 +64,9 @@ def worker(payload_file: Path, result_file: Path) -> None:
 
         use_fast_paths(network)
     if "channels_last" in variant:
-        from nnunet_samflare.networks.fast_paths import use_channels_last_norms
+        from nnunet_samflare.networks.fast_paths import use_channels_last
 
-        use_channels_last_norms(network)
-        network = network.to(memory_format=torch.channels_last_3d)
+        use_channels_last(network)
         x = x.contiguous(memory_format=torch.channels_last_3d)
     model = torch.compile(network) if variant == "compile" else network
     network.train()

@@ -119,7 +119,7 @@ def load_predictor(
     ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format and ``cpu_bf16`` under bfloat16
     autocast on a CPU that has native bfloat16 (see :class:`CascadePredictor`)."""
     from nnunet_samflare.inference.tiling import TileBatchingPredictor, cpu_has_native_bf16
-    from nnunet_samflare.networks.fast_paths import use_channels_last_norms, use_fast_paths
+    from nnunet_samflare.networks.fast_paths import use_channels_last, use_fast_paths
 
     folder = Path(folder)
     for required in ("plans.json", "dataset.json"):
@@ -156,9 +156,7 @@ def load_predictor(
         predictor.network.load_state_dict(predictor.list_of_parameters[0])
     predictor.network.to(device).eval()
     if channels_last:
-        predictor.network.to(memory_format=torch.channels_last_3d)
-        predictor.network.register_forward_pre_hook(_to_channels_last)
-        use_channels_last_norms(predictor.network)  # else each instance norm converts to contiguous and back
+        use_channels_last(predictor.network)
     if len(predictor.list_of_parameters) == 1:
         predictor.list_of_parameters = [predictor.network.state_dict()]
     return predictor
@@ -212,10 +210,6 @@ def initialize_from_model_folder(predictor, folder: Path, folds: Sequence[int | 
         trainer_name,
         checkpoints[0].get("inference_allowed_mirroring_axes"),
     )
-
-
-def _to_channels_last(module, args):
-    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:])
 
 
 @torch.inference_mode()

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelsLastInstanceNorm3d", "GroupedPointwiseConv3d", "use_channels_last_norms", "use_fast_paths"]
+__all__ = [
+    "ChannelsLastInstanceNorm3d",
+    "GroupedPointwiseConv3d",
+    "use_channels_last",
+    "use_channels_last_norms",
+    "use_fast_paths",
+]
 
 
 def _is_grouped_pointwise(conv: nn.Conv3d) -> bool:
@@ -87,3 +93,17 @@ def use_channels_last_norms(network: nn.Module) -> int:
             module.__class__ = ChannelsLastInstanceNorm3d
             changed += 1
     return changed
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last_3d), *args[1:])
+
+
+def use_channels_last(network: nn.Module) -> nn.Module:
+    """Run ``network`` in ``torch.channels_last_3d`` memory format, in place: its weights converted, its input
+    converted on the way in, its instance norms made layout-keeping (:func:`use_channels_last_norms`). The same
+    function to float rounding; returns ``network``."""
+    use_channels_last_norms(network)
+    network.to(memory_format=torch.channels_last_3d)
+    network.register_forward_pre_hook(_channels_last_input)
+    return network
