@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "bench_cascade_accuracy.py fitted: the post-processing's memory depends on how fragmented the "
         "label map is, and an untrained segmenter's noise is its worst case",
     )
+    p.add_argument("--fast", action="store_true", help="samflare predict --fast")
     add_run_arguments(p, timeout=1800)
     return p.parse_args(argv)
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
             command = lib.samflare_command(
                 "predict", "-i", scan, "-o", out, "--locator", models["locator"]["folder"],
                 "--segmenter", args.segmenter or models["segmenter"]["folder"], "-f", "0", "-device", args.device,
+                *(["--fast"] if args.fast else []),
             )
             # fmt: on
             sam = sampled_run(f"samflare-long-{slices}", command, env, workdir, args.timeout)
@@ -117,8 +119,8 @@ def main(argv=None) -> int:
         table = lib.markdown_table(headers, rows)
         table += (
             "\n\nPeak RAM: the process tree's summed PSS, sampled every 0.1 s. samflare: the whole CLI run (start-up, "
-            "models, one case, fold 0). nnU-Net: reading + 3d_fullres preprocessing only, a lower bound of "
-            "nnUNetv2_predict's peak for the same scan. Segmenter: "
+            f"models, one case, fold 0{', --fast' if args.fast else ''}). nnU-Net: reading + 3d_fullres "
+            "preprocessing only, a lower bound of nnUNetv2_predict's peak for the same scan. Segmenter: "
             + (
                 str(args.segmenter)
                 if args.segmenter
