@@ -151,13 +151,12 @@ def load_predictor(
         predictor.cpu_autocast_dtype = torch.bfloat16
     if fast_layers:
         use_fast_paths(predictor.network)
-    if len(predictor.list_of_parameters) == 1:
-        # One set of weights: load it once here instead of once per case, and keep no second copy of it.
-        predictor.network.load_state_dict(predictor.list_of_parameters[0])
     predictor.network.to(device).eval()
     if channels_last:
         use_channels_last(predictor.network)
     if len(predictor.list_of_parameters) == 1:
+        # Initialisation already loaded the one set of weights into the network (nnU-Net's and ours alike): share
+        # its tensors, so that no second copy is kept and nnU-Net's per-case reload brings nothing new.
         predictor.list_of_parameters = [predictor.network.state_dict()]
     return predictor
 
@@ -299,10 +298,10 @@ class CascadePredictor:
     ``channels_last`` runs the segmenter in ``torch.channels_last_3d`` memory format, its instance norms as group
     norms that keep that format (``networks.fast_paths``): the same function (outputs equal to float rounding),
     and on a CPU oneDNN's channels-last convolutions plus token reshapes that become views made the segmenter
-    1.7× faster (``BENCHMARKS.md``). ``cpu_bf16`` runs the segmenter under
-    bfloat16 autocast on a CPU with native bfloat16 instructions (ignored elsewhere, and on CUDA, where nnU-Net's
-    own fp16 autocast applies): another ~2× on the 2-core VM, at the cost of bfloat16 rounding of the logits
-    (labels against the float32 default in ``BENCHMARKS.md``). Both are off by default because their rounding
+    1.7× faster (``BENCHMARKS.md``). ``cpu_bf16`` runs the segmenter under bfloat16 autocast on a CPU with native
+    bfloat16 instructions (ignored elsewhere, and on CUDA, where nnU-Net's own fp16 autocast applies): another ~2×
+    on the 2-core VM, at the cost of bfloat16 rounding of the logits (labels against the float32 default in
+    ``BENCHMARKS.md``). Both are off by default because their rounding
     differs from stock ``nnUNetv2_predict``'s, which would break the bit-identity of the composed path (``samflare
     locate`` → ``nnUNetv2_predict`` → ``samflare uncrop``); ``samflare predict --fast`` turns both on.
     """
