@@ -38,6 +38,20 @@ NNUNET_DEFAULT_RESAMPLING = "resample_data_or_seg_to_shape"
 #: Voxels per slab read from the source at a time (float32: 32 MiB).
 SLAB_VOXELS = 1 << 23
 
+#: Operator weights below this magnitude are set to zero (:func:`_as_float32_operator`).
+NEGLIGIBLE_WEIGHT = 1e-30
+
+
+def _as_float32_operator(operator: np.ndarray) -> np.ndarray:
+    """``operator`` in float32 without its negligible taps. A cubic spline's prefilter gives every input voxel a
+    weight that decays geometrically with distance, so most entries of a long axis' matrix end up as float32
+    subnormals, and x86 multiplies subnormals some 30× slower: one in-plane product over a 32-slice slab of a
+    512×512 scan took 346 ms instead of 11 ms on the 2-core Xeon VM. Taps below :data:`NEGLIGIBLE_WEIGHT` add less
+    than float32 can resolve to any voxel value of a CT (the products above came out bit-identical)."""
+    operator = operator.astype(np.float32)
+    operator[np.abs(operator) < NEGLIGIBLE_WEIGHT] = 0.0
+    return operator
+
 
 @lru_cache(maxsize=64)
 def zoom_operator(n_in: int, n_out: int, order: int) -> np.ndarray:
@@ -48,7 +62,7 @@ def zoom_operator(n_in: int, n_out: int, order: int) -> np.ndarray:
     operator = ndimage.zoom(identity, (n_out / n_in, 1.0), order=order, mode="nearest", grid_mode=True)
     if operator.shape != (n_out, n_in):
         raise AssertionError(f"zoom gave {operator.shape}, expected {(n_out, n_in)}")
-    return operator.astype(np.float32)
+    return _as_float32_operator(operator)
 
 
 @lru_cache(maxsize=64)
@@ -58,7 +72,7 @@ def map_coordinates_operator(n_in: int, n_out: int, order: int) -> np.ndarray:
     rows = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
     coordinates = np.stack(np.meshgrid(rows, np.arange(n_in, dtype=np.float64), indexing="ij"))
     identity = np.eye(n_in, dtype=np.float64)
-    return ndimage.map_coordinates(identity, coordinates, order=order, mode="nearest").astype(np.float32)
+    return _as_float32_operator(ndimage.map_coordinates(identity, coordinates, order=order, mode="nearest"))
 
 
 def _apply(array: torch.Tensor, operator: np.ndarray | None, axis: int) -> torch.Tensor:
