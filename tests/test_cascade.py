@@ -21,7 +21,7 @@ from nnunet_samflare import predict
 from nnunet_samflare.cli import main as samflare_main
 from nnunet_samflare.inference.cascade import CascadePredictor, preprocessed_to_original_box
 from nnunet_samflare.inference.io import TEMP_PREFIX
-from nnunet_samflare.networks.fast_paths import ChannelsLastInstanceNorm3d
+from nnunet_samflare.networks.fast_paths import ChannelsLastInstanceNorm3d, Float32Conv3d
 
 from conftest import (
     DATASET_ID,
@@ -440,6 +440,8 @@ def test_cpu_bf16_only_where_the_cpu_has_native_bfloat16(models, monkeypatch, na
     monkeypatch.setattr(tiling, "cpu_has_native_bf16", lambda: native)
     fast = CascadePredictor(*models, device="cpu", **FAST_OPTIONS)
     assert fast.segmenter.cpu_autocast_dtype == (torch.bfloat16 if native else None)
+    head = fast.segmenter.network.decoder.seg_layers[0]
+    assert type(head) is (Float32Conv3d if native else torch.nn.Conv3d)  # bfloat16 never rounds the logits
     assert fast.locator.cpu_autocast_dtype is None  # the ROI comes from the float32 locator
     assert CascadePredictor(*models, device="cpu").segmenter.cpu_autocast_dtype is None  # the default
 

@@ -10,10 +10,12 @@ import torch
 from nnunet_samflare.networks import SAMHybridUNet
 from nnunet_samflare.networks.fast_paths import (
     ChannelsLastInstanceNorm3d,
+    Float32Conv3d,
     GroupedPointwiseConv3d,
     use_channels_last,
     use_channels_last_norms,
     use_fast_paths,
+    use_float32_class_heads,
 )
 
 
@@ -123,3 +125,25 @@ def test_segmenter_with_channels_last_norms_equals_plain_outputs_and_gradients()
     plain.float().eval(), fast.float().eval()
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_float32_class_heads_keep_the_logits_out_of_bfloat16_autocast():
+    plain = small_segmenter().eval()
+    network = copy.deepcopy(plain)
+    assert use_float32_class_heads(network) == 1 and type(network.decoder.seg_layers[0]) is Float32Conv3d
+    assert list(network.state_dict()) == list(plain.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        torch.testing.assert_close(network(x), plain(x), rtol=0, atol=0)  # without autocast: the plain layer
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert plain(x).dtype == torch.bfloat16
+            logits = network(x)
+            head_input = []
+            network.decoder.seg_layers[0].register_forward_hook(lambda m, args, out: head_input.append(args[0]))
+            network(x)
+        assert logits.dtype == torch.float32
+        # the head's own arithmetic in float32: the plain float32 head applied to the same (bfloat16) features,
+        # which reach it in slabs (UNETRDecoder.full_resolution_logits)
+        features = torch.cat(head_input, dim=2).float()
+        assert head_input[0].dtype == torch.bfloat16
+        torch.testing.assert_close(logits, plain.decoder.seg_layers[0](features), rtol=1e-6, atol=1e-6)

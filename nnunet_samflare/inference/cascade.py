@@ -119,7 +119,7 @@ def load_predictor(
     ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format and ``cpu_bf16`` under bfloat16
     autocast on a CPU that has native bfloat16 (see :class:`CascadePredictor`)."""
     from nnunet_samflare.inference.tiling import TileBatchingPredictor, cpu_has_native_bf16
-    from nnunet_samflare.networks.fast_paths import use_channels_last, use_fast_paths
+    from nnunet_samflare.networks.fast_paths import use_channels_last, use_fast_paths, use_float32_class_heads
 
     folder = Path(folder)
     for required in ("plans.json", "dataset.json"):
@@ -149,6 +149,7 @@ def load_predictor(
     predictor.tile_batch_size = tile_batch_size
     if cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16():
         predictor.cpu_autocast_dtype = torch.bfloat16
+        use_float32_class_heads(predictor.network)  # logits not rounded to bfloat16 (networks.fast_paths)
     if fast_layers:
         use_fast_paths(predictor.network)
     predictor.network.to(device).eval()
@@ -300,10 +301,11 @@ class CascadePredictor:
     and on a CPU oneDNN's channels-last convolutions plus token reshapes that become views made the segmenter
     1.7× faster (``BENCHMARKS.md``). ``cpu_bf16`` runs the segmenter under bfloat16 autocast on a CPU with native
     bfloat16 instructions (ignored elsewhere, and on CUDA, where nnU-Net's own fp16 autocast applies): another ~2×
-    on the 2-core VM, at the cost of bfloat16 rounding of the logits (labels against the float32 default in
-    ``BENCHMARKS.md``). Both are off by default because their rounding
-    differs from stock ``nnUNetv2_predict``'s, which would break the bit-identity of the composed path (``samflare
-    locate`` → ``nnUNetv2_predict`` → ``samflare uncrop``); ``samflare predict --fast`` turns both on.
+    on the 2-core VM, at the cost of bfloat16 rounding inside the network (its class head computes in float32, so
+    the logits themselves are not rounded; labels against the float32 default in ``BENCHMARKS.md``). Both are off
+    by default because their rounding differs from stock ``nnUNetv2_predict``'s, which would break the
+    bit-identity of the composed path (``samflare locate`` → ``nnUNetv2_predict`` → ``samflare uncrop``);
+    ``samflare predict --fast`` turns both on.
     """
 
     def __init__(

@@ -15,6 +15,12 @@ convolution copies it back. Group norm has a channels-last kernel. On the 2-core
 bfloat16, that is 5 ms against 34 ms per call; one 96³ segmenter forward in channels-last went from 2.7 to 2.2 s
 in float32 and from 1.34 to 1.17 s under bfloat16 autocast (``BENCHMARKS.md``).
 
+:class:`Float32Conv3d` is the precision policy of a network run under bfloat16 autocast (``samflare predict
+--fast`` on a CPU): a convolution that computes in float32 whatever autocast says. Given to the class heads
+(:func:`use_float32_class_heads`), it stops bfloat16 from rounding the logits themselves (8 bits of mantissa: ±0.04
+at a logit of 10), which alone flipped half of the labels that bfloat16 changes: on the real CT with a trained
+segmenter, 20 instead of 38 of 196,608 voxels against float32, for 2 % of the 96³ forward time (``BENCHMARKS.md``).
+
 :func:`use_fast_paths` switches the eligible layers of a built network in place. Nothing does so unless asked
 (``CascadePredictor(fast_layers=True)``, ``benchmarks/bench_train_step.py``): in the whole segmenter's CPU
 forward pass it measured no faster (``BENCHMARKS.md``), and on a GPU it is unmeasured until
@@ -29,9 +35,11 @@ from torch import nn
 
 __all__ = [
     "ChannelsLastInstanceNorm3d",
+    "Float32Conv3d",
     "GroupedPointwiseConv3d",
     "use_channels_last",
     "use_channels_last_norms",
+    "use_float32_class_heads",
     "use_fast_paths",
 ]
 
@@ -107,3 +115,27 @@ def use_channels_last(network: nn.Module) -> nn.Module:
     network.to(memory_format=torch.channels_last_3d)
     network.register_forward_pre_hook(_channels_last_input)
     return network
+
+
+class Float32Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that computes in float32 under autocast too (its input cast up; the output is float32).
+    Without autocast it is the plain layer."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(input.device.type):
+            return super().forward(input)
+        with torch.autocast(input.device.type, enabled=False):
+            return super().forward(input.float())
+
+
+def use_float32_class_heads(network: nn.Module) -> int:
+    """Turn the class heads of ``network`` (the ``nn.Conv3d`` layers of its ``decoder.seg_layers``, or of
+    ``seg_layers``, nnU-Net's name for them) into :class:`Float32Conv3d`, in place (parameters untouched); returns
+    how many layers changed."""
+    owner = getattr(network, "decoder", network)
+    changed = 0
+    for module in getattr(owner, "seg_layers", ()):
+        if type(module) is nn.Conv3d:
+            module.__class__ = Float32Conv3d
+            changed += 1
+    return changed
