@@ -19,7 +19,8 @@ in float32 and from 1.34 to 1.17 s under bfloat16 autocast (``BENCHMARKS.md``).
 --fast`` on a CPU): a convolution that computes in float32 whatever autocast says. Given to the class heads
 (:func:`use_float32_class_heads`), it stops bfloat16 from rounding the logits themselves (8 bits of mantissa: ±0.04
 at a logit of 10), which alone flipped half of the labels that bfloat16 changes: on the real CT with a trained
-segmenter, 20 instead of 38 of 196,608 voxels against float32, for 2 % of the 96³ forward time (``BENCHMARKS.md``).
+segmenter, 20 instead of 38 of 196,608 voxels against float32. It costs 2 % of a 96³ forward on 2 cores (0.733 →
+0.750 s, median of 7; ``BENCHMARKS.md``).
 
 :func:`use_fast_paths` switches the eligible layers of a built network in place. Nothing does so unless asked
 (``CascadePredictor(fast_layers=True)``, ``benchmarks/bench_train_step.py``): in the whole segmenter's CPU
