@@ -8,6 +8,7 @@ import pytest
 from nnunet_stand_ins import DATASET_JSON, plans_manager
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.preprocessing.resampling.default_resampling import resample_data_or_seg_to_shape
+from scipy import ndimage
 
 from nnunet_samflare.inference.cascade import postprocess_in_box
 from nnunet_samflare.inference.postprocessing import postprocess_flare
@@ -48,14 +49,11 @@ def test_resample_image_equals_nnunet(shape, new_shape, spacing, new_spacing, kw
 
 
 def test_zoom_operator_of_a_long_axis_has_no_subnormal_weights_and_the_same_result():
-    # 512 -> 128 with the cubic spline: the prefilter's geometric tails fill most of the float32 matrix with
-    # subnormal numbers, which make the matrix product ~30x slower on x86 unless they are dropped.
+    # 512 -> 128 with the cubic spline: the prefilter's geometric tails leave thousands of float32 subnormals in
+    # the matrix, which make the matrix product ~30x slower on Intel CPUs unless they are dropped.
     operator = zoom_operator(512, 128, 3)
     weights = np.abs(operator[operator != 0])
     assert weights.min() >= np.finfo(np.float32).tiny
-    assert (operator == 0).mean() > 0.5  # the negligible tails really went
-    from scipy import ndimage
-
     rows = ct_like((512,), channels=8)
     exact = ndimage.zoom(rows.astype(np.float64), (1.0, 0.25), order=3, mode="nearest", grid_mode=True)
     np.testing.assert_allclose(rows @ operator.T, exact, rtol=0, atol=2e-6 * np.abs(exact).max())
