@@ -15,7 +15,7 @@ from torch import nn
 
 from nnunet_samflare.networks import PConvLocator, SAMHybridUNet
 from nnunet_samflare.networks.complexity import count_macs, count_parameters
-from nnunet_samflare.networks.layers import DropPath
+from nnunet_samflare.networks.layers import DropPath, to_tokens, to_volume
 from nnunet_samflare.networks.segmenter import MetaFormerBlock, MultiHeadSelfAttention, ScaleAwareModulation
 
 NETWORKS_DIR = Path(__file__).resolve().parents[1] / "nnunet_samflare" / "networks"
@@ -318,6 +318,20 @@ def test_locator_rejects_bad_shapes(locator, shape, match):
 
 # ----------------------------------------------------------------------------------------------------------
 # block semantics
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_to_volume_is_a_channels_last_view_that_torch_recognises(batch):
+    """Token volumes feed depthwise convolutions: they must be views with the canonical ``channels_last_3d``
+    strides, batch stride included, or oneDNN reorders them on every call (for a batch of one, ``reshape`` gave
+    the batch stride ``C``)."""
+    tokens = torch.randn(batch, 4 * 3 * 5, 6)
+    volume = to_volume(tokens, (4, 3, 5))
+    assert volume.data_ptr() == tokens.data_ptr()
+    assert volume.stride() == torch.empty(batch, 6, 4, 3, 5, memory_format=torch.channels_last_3d).stride()
+    assert volume[0, 2, 1, 2, 3].item() == tokens[0, (1 * 3 + 2) * 5 + 3, 2].item()  # H-major, D fastest
+    assert torch.equal(to_tokens(volume), tokens)
+    assert to_tokens(volume).is_contiguous()
 
 
 def test_saa_channel_shuffle_order_at_block_level():

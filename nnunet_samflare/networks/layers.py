@@ -33,9 +33,15 @@ def to_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def to_volume(x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-    """``(B, N, C)`` -> ``(B, C, H, W, D)``; inverse of :func:`to_tokens`."""
-    batch, _, channels = x.shape
-    return x.transpose(1, 2).reshape(batch, channels, *spatial_shape)
+    """``(B, N, C)`` -> ``(B, C, H, W, D)``; inverse of :func:`to_tokens`.
+
+    A view: contiguous tokens become a ``channels_last_3d`` volume with the canonical strides of that format, the
+    batch stride ``N * C`` included. ``reshape`` gave a batch of one the stride ``C`` instead, which PyTorch does
+    not recognise as channels-last, so oneDNN reordered such a volume for every depthwise convolution that read it:
+    the Mix-FFN's took 200 instead of 32 ms and three times its output in scratch memory at 48³ on a 2-core CPU
+    (one tile per forward is nnU-Net's default there; ``BENCHMARKS.md``).
+    """
+    return x.unflatten(1, tuple(spatial_shape)).movedim(-1, 1)
 
 
 class DropPath(nn.Module):

@@ -1,0 +1,62 @@
+"""Issue 10, 2026-12-06: the Mix-FFN's depthwise 3³ convolution of stage 1 (120 channels at 48³, batch 1) on a
+view of its tokens, as the old ``reshape`` built it (batch stride C) and with canonical channels-last strides
+(batch stride N·C). Time of one call after a warm-up, and its peak above the RSS before it (``VmHWM`` reset
+through ``clear_refs``; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed scratch memory leaves the RSS).
+"""
+
+import time
+
+import torch
+
+CHANNELS, SIDE = 120, 48
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    conv = torch.nn.Conv3d(CHANNELS, CHANNELS, 3, padding=1, groups=CHANNELS).eval()
+    tokens = torch.randn(1, SIDE**3, CHANNELS)
+    inputs = {
+        "reshape (old)": tokens.transpose(1, 2).reshape(1, CHANNELS, SIDE, SIDE, SIDE),
+        "unflatten + movedim (new)": tokens.unflatten(1, (SIDE, SIDE, SIDE)).movedim(-1, 1),
+        "contiguous copy": tokens.transpose(1, 2).reshape(1, CHANNELS, SIDE, SIDE, SIDE).contiguous(),
+    }
+    outputs = {}
+    with torch.no_grad():
+        for name, volume in inputs.items():
+            conv(volume)
+            times = []
+            for _ in range(3):
+                before = rss_mb()
+                reset_peak()
+                start = time.perf_counter()
+                outputs[name] = conv(volume)
+                times.append(time.perf_counter() - start)
+                peak = peak_mb() - before
+            out = outputs[name]
+            print(
+                f"{name:26s} strides {volume.stride()}: {min(times) * 1000:.0f} ms (best of 3), +{peak:.0f} MB "
+                f"(output {out.numel() * 4 / 2**20:.0f} MB, channels-last "
+                f"{out.is_contiguous(memory_format=torch.channels_last_3d)})"
+            )
+    reference = outputs["contiguous copy"]
+    for name, out in outputs.items():
+        print(f"{name:26s} bit-identical to the contiguous input's output: {torch.equal(out, reference)}")
+
+
+if __name__ == "__main__":
+    main()
