@@ -130,6 +130,13 @@ def peak_rss_mb() -> float:
     return value / MIB if sys.platform == "darwin" else value / 1024  # bytes on macOS, KiB on Linux
 
 
+def reset_peak_rss() -> None:
+    """Restart :func:`peak_rss_mb`'s high-water mark at the current RSS (Linux, ``/proc/self/clear_refs``), so that
+    the peak of one call can be read after it."""
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")
+
+
 # -- environment description ------------------------------------------------------------------------------------
 
 

@@ -4,26 +4,16 @@ view of its tokens, as the old ``reshape`` built it (batch stride C) and with ca
 through ``clear_refs``; run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed scratch memory leaves the RSS).
 """
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
+from _benchlib import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
+
 CHANNELS, SIDE = 120, 48
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def main() -> None:
@@ -41,12 +31,12 @@ def main() -> None:
             conv(volume)
             times = []
             for _ in range(3):
-                before = rss_mb()
-                reset_peak()
+                before = current_rss_mb()
+                reset_peak_rss()
                 start = time.perf_counter()
                 outputs[name] = conv(volume)
                 times.append(time.perf_counter() - start)
-                peak = peak_mb() - before
+                peak = peak_rss_mb() - before
             out = outputs[name]
             print(
                 f"{name:26s} strides {volume.stride()}: {min(times) * 1000:.0f} ms (best of 3), +{peak:.0f} MB "

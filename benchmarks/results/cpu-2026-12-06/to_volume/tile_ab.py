@@ -10,27 +10,16 @@ import gc
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
+from _benchlib import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 import nnunet_samflare.networks.segmenter as segmenter_module
 from nnunet_samflare.networks.fast_paths import use_channels_last, use_float32_class_heads
 from nnunet_samflare.networks.segmenter import SAMHybridUNet
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def old_to_volume(x, spatial_shape):  # the implementation before this change
@@ -58,12 +47,12 @@ def main() -> None:
                 if rep == 0:
                     net(x)
                 gc.collect()
-                before = rss_mb()
-                reset_peak()
+                before = current_rss_mb()
+                reset_peak_rss()
                 start = time.perf_counter()
                 out = net(x)
                 times[name].append(time.perf_counter() - start)
-                peaks[name].append(peak_mb() - before)
+                peaks[name].append(peak_rss_mb() - before)
                 logits[name] = out.float()
     for name in variants:
         runs = ", ".join(f"{t:.2f}" for t in times[name])
