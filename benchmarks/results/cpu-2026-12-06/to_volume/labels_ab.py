@@ -1,8 +1,8 @@
 """Issue 10, 2026-12-06: labels of the bench's 512×512×215 case through the default predictor, with the old
 reshape-based ``to_volume`` and the new view, in one process.
 
-Usage: ``labels_ab.py [SEGMENTER_FOLDER]``; default: the bench workdir's untrained segmenter, whose near-random
-logits are the worst case for near-ties.
+Usage: ``labels_ab.py [--fast] [SEGMENTER_FOLDER]``; default: the bench workdir's untrained segmenter, whose
+near-random logits are the worst case for near-ties. ``--fast``: the predictor of ``samflare predict --fast``.
 """
 
 import json
@@ -24,8 +24,13 @@ def old_to_volume(x, spatial_shape):  # the implementation before this change
 
 def main() -> None:
     models = json.load(open(f"{WORKDIR}/logs/models.json"))
-    segmenter = sys.argv[1] if len(sys.argv) > 1 else models["segmenter"]["folder"]
-    predictor = api.build_predictor(locator=models["locator"]["folder"], segmenter=segmenter, device="cpu", folds=[0])
+    args = sys.argv[1:]
+    options = dict(api.FAST_OPTIONS) if "--fast" in args else {}
+    folders = [a for a in args if a != "--fast"]
+    segmenter = folders[0] if folders else models["segmenter"]["folder"]
+    predictor = api.build_predictor(
+        locator=models["locator"]["folder"], segmenter=segmenter, device="cpu", folds=[0], **options
+    )
     data, properties = read_case(f"{WORKDIR}/input/BENCH_0001_0000.nii.gz")
     labels = {}
     for name, to_volume in (("new", segmenter_module.to_volume), ("old", old_to_volume)):
