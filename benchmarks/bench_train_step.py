@@ -7,17 +7,24 @@ segmenter, nnU-Net's own patch and batch for its ``3d_fullres`` network (deep su
 Networks, losses and targets come from ``bench_networks.py``; every measurement runs in a fresh process.
 
 Segmenter variants (all compute the same function with the same parameters; ``tests/test_speed_paths_networks.py``
-checks outputs and gradients for ``fast``):
+checks outputs and gradients of each form):
 
 * ``plain``: the network as built from the plans;
-* ``fast``: its grouped 1×1×1 convolutions as batched matrix products (``nnunet_samflare.networks.fast_paths``);
 * ``channels_last``: weights and input in ``torch.channels_last_3d`` memory format (cuDNN's NDHWC kernels), the
   instance norms as group norms that keep that format, as ``samflare predict --fast`` runs the segmenter;
-* ``fast+channels_last``: both;
-* ``compile``: ``torch.compile`` of the plain network (its compile time is reported apart, from the warm-up).
+* ``sliced``: its depthwise 3-D convolutions (the scale-aware modulation's 3³/5³/7³, the Mix-FFN's and the
+  attention's 3³) as 2-D depthwise convolutions of the depth slices, summed over the kernel's depth
+  (``SlicedDepthwiseConv3d``), for the case that the 3-D depthwise kernels are the slow part;
+* ``sliced+channels_last``: both;
+* ``fast``: its grouped 1×1×1 convolutions as batched matrix products (``GroupedPointwiseConv3d``);
+* ``fast+channels_last``, ``compile`` (``torch.compile`` of the plain network; its compile time is reported
+  apart, from the warm-up): on request.
 
-``--profile-dir DIR`` also runs ``torch.profiler`` over 3 steps of ``plain`` and ``fast``: the top operators by
-device (or CPU) time go into the JSON and the report, the Chrome traces into DIR.
+All in ``nnunet_samflare.networks.fast_paths``. nnU-Net's network is measured first and the variants in the order
+above, each printing its line as it finishes, so a run cut short by a time limit still has the comparison.
+
+``--profile-dir DIR`` also runs ``torch.profiler`` over 3 steps of ``plain`` and ``channels_last``: the top
+operators by device (or CPU) time go into the JSON and the report, the Chrome traces into DIR.
 
 Example (CPU smoke run, sizes shrunk, numbers meaningless)::
 
@@ -27,8 +34,10 @@ Example (CPU smoke run, sizes shrunk, numbers meaningless)::
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,8 +49,9 @@ from typing import Any
 import _benchlib as lib
 import bench_networks as networks
 
-VARIANTS = ("plain", "fast", "channels_last", "fast+channels_last", "compile")
-DEFAULT_VARIANTS = ["plain", "fast", "channels_last", "fast+channels_last"]
+VARIANTS = ("plain", "channels_last", "sliced", "sliced+channels_last", "fast", "fast+channels_last", "compile")
+DEFAULT_VARIANTS = ["plain", "channels_last", "sliced", "sliced+channels_last", "fast"]
+PROFILED_VARIANTS = ("plain", "channels_last")
 
 
 def worker(payload_file: Path, result_file: Path) -> None:
@@ -63,6 +73,10 @@ def worker(payload_file: Path, result_file: Path) -> None:
         from nnunet_samflare.networks.fast_paths import use_fast_paths
 
         use_fast_paths(network)
+    if "sliced" in variant:
+        from nnunet_samflare.networks.fast_paths import use_sliced_depthwise
+
+        use_sliced_depthwise(network)
     if "channels_last" in variant:
         from nnunet_samflare.networks.fast_paths import use_channels_last
 
@@ -113,8 +127,8 @@ def worker(payload_file: Path, result_file: Path) -> None:
     if cuda:
         result["max_allocated_MB"] = torch.cuda.max_memory_allocated(device) / lib.MIB
         result["max_reserved_MB"] = torch.cuda.max_memory_reserved(device) / lib.MIB
-    if options.get("profile_dir") and variant in ("plain", "fast"):
-        result["profile"] = profile(step, device, Path(options["profile_dir"]) / f"{spec.name}-{variant}.json")
+    if options.get("profile_dir") and variant in PROFILED_VARIANTS:
+        result["profile"] = profile(step, device, Path(options["profile_dir"]) / f"{spec.name}-{variant}.json.gz")
     result_file.write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -132,7 +146,12 @@ def profile(step, device, trace_file: Path, steps: int = 3, top: int = 20) -> di
         if cuda:
             torch.cuda.synchronize(device)
     trace_file.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(trace_file))
+    plain_trace = trace_file.with_suffix("")
+    prof.export_chrome_trace(str(plain_trace))
+    # gzip: a trace of 3 steps is ~30 MB of JSON, more than a device call may bring back; Perfetto reads .json.gz
+    with open(plain_trace, "rb") as src, gzip.open(trace_file, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain_trace.unlink()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: getattr(e, key, 0), reverse=True)
     total = sum(getattr(e, key, 0) for e in prof.key_averages()) or 1
@@ -161,11 +180,19 @@ def measure(spec, variant: str, options: dict, scratch: Path, timeout: float) ->
     try:
         completed = subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"variant": variant, "error": f"timed out after {timeout:.0f} s"}
-    if completed.returncode != 0 or not result.is_file():
-        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"variant": variant, "error": f"exit code {completed.returncode}: {tail[0][:200]}"}
-    return json.loads(result.read_text(encoding="utf-8"))
+        record = {"variant": variant, "error": f"timed out after {timeout:.0f} s"}
+    else:
+        if completed.returncode != 0 or not result.is_file():
+            tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
+            record = {"variant": variant, "error": f"exit code {completed.returncode}: {tail[0][:200]}"}
+        else:
+            record = json.loads(result.read_text(encoding="utf-8"))
+    if "error" in record:
+        print(f"  {spec.label} [{variant}]: {record['error']}", flush=True)
+    else:
+        gpu = f", peak GPU allocated {record['max_allocated_MB']:.0f} MB" if "max_allocated_MB" in record else ""
+        print(f"  {spec.label} [{variant}]: median step {record['median_s'] * 1000:.0f} ms{gpu}", flush=True)
+    return record
 
 
 def report(segmenter: list[dict], nnunet: dict | None, specs: dict, device: str) -> str:
@@ -224,7 +251,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nnunet-patch", type=int, nargs=3, metavar=("X", "Y", "Z"), help="default: from the plans")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (cuDNN autotuning, compilation)")
-    p.add_argument("--profile-dir", type=Path, help="also profile plain and fast; Chrome traces go here")
+    p.add_argument("--profile-dir", type=Path, help="also profile plain and channels_last; Chrome traces here")
     p.add_argument("--timeout", type=float, default=900, help="seconds per measurement process")
     p.add_argument("--json", type=Path, help="write all numbers here")
     return p.parse_args(argv)
@@ -264,8 +291,8 @@ def main(argv=None) -> int:
             "profile_dir": str(args.profile_dir.resolve()) if args.profile_dir else None,
         }
         load_before = list(os.getloadavg())
-        segmenter = [measure(specs["segmenter"], v, options, workdir, args.timeout) for v in args.variants]
         nnunet = None if args.no_nnunet else measure(specs["nnunet"], "plain", options, workdir, args.timeout)
+        segmenter = [measure(specs["segmenter"], v, options, workdir, args.timeout) for v in args.variants]
         table = report(segmenter, nnunet, specs, args.device) + (f"\n{busy}" if busy else "")
         info = lib.environment_info(args.device)
         print()

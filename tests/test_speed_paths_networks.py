@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from nnunet_samflare.networks import SAMHybridUNet
@@ -12,11 +13,14 @@ from nnunet_samflare.networks.fast_paths import (
     ChannelsLastInstanceNorm3d,
     Float32Conv3d,
     GroupedPointwiseConv3d,
+    SlicedDepthwiseConv3d,
     use_channels_last,
     use_channels_last_norms,
     use_fast_paths,
     use_float32_class_heads,
+    use_sliced_depthwise,
 )
+from nnunet_samflare.networks.segmenter import MixFFN, MultiHeadSelfAttention, ScaleAwareModulation
 
 
 def small_segmenter() -> SAMHybridUNet:
@@ -72,6 +76,71 @@ def test_fast_segmenter_equals_plain_outputs_gradients_and_parameters():
     reloaded.load_state_dict(fast.state_dict())
     use_fast_paths(reloaded)
     reloaded.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize(
+    "channels, multiplier, kernel, padding, bias, batch, channels_last",
+    [
+        (6, 1, (3, 3, 3), (1, 1, 1), True, 2, False),
+        (6, 1, (7, 7, 7), (3, 3, 3), True, 2, True),  # the scale-aware modulation's largest, on a token volume
+        (6, 2, (7, 5, 3), (3, 2, 1), False, 1, True),  # channel multiplier, mixed kernel
+        (4, 1, (5, 5, 5), (2, 2, 2), True, 1, False),
+        (4, 1, (3, 3, 3), (0, 1, 2), True, 2, False),  # "valid" in depth, wider than "same" in width
+    ],
+)
+def test_sliced_depthwise_conv_equals_the_plain_layer_forward_and_backward(
+    channels, multiplier, kernel, padding, bias, batch, channels_last
+):
+    torch.manual_seed(8)
+    plain = torch.nn.Conv3d(channels, channels * multiplier, kernel, padding=padding, groups=channels, bias=bias)
+    sliced = copy.deepcopy(plain)
+    sliced.__class__ = SlicedDepthwiseConv3d
+    plain.double(), sliced.double()
+    x = torch.randn(batch, channels, 7, 8, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x.requires_grad_()
+    x_sliced = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    out, out_sliced = plain(x), sliced(x_sliced)
+    torch.testing.assert_close(out_sliced, out)
+    assert out_sliced.is_contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_sliced.backward(grad)
+    torch.testing.assert_close(x_sliced.grad, x.grad)
+    torch.testing.assert_close(sliced.weight.grad, plain.weight.grad)
+    if bias:
+        torch.testing.assert_close(sliced.bias.grad, plain.bias.grad)
+    plain.float(), sliced.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype autocast gives a convolution, bias included
+        assert sliced(x.detach().float()).dtype == plain(x.detach().float()).dtype == torch.bfloat16
+
+
+def test_sliced_segmenter_equals_plain_outputs_gradients_and_parameters():
+    plain = small_segmenter()
+    sliced = copy.deepcopy(plain)
+    depthwise = sum(
+        len(m.mhmc) if isinstance(m, ScaleAwareModulation) else 1
+        for m in plain.modules()
+        if isinstance(m, (ScaleAwareModulation, MultiHeadSelfAttention, MixFFN))
+    )
+    assert use_sliced_depthwise(sliced) == depthwise > 0
+    assert list(sliced.state_dict()) == list(plain.state_dict())
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(10))
+    losses = []
+    for network in (plain, sliced):  # float64: a different summation order, compared without float32 rounding
+        network.double().train()
+        loss = torch.nn.functional.cross_entropy(network(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = dict(plain.named_parameters())
+    for name, parameter in sliced.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name)
+    plain.eval(), sliced.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(sliced(x[:1]), plain(x[:1]))  # a batch of one: token volumes, other strides
 
 
 def test_channels_last_instance_norm_equals_the_plain_layer_and_keeps_the_layout():

@@ -8,6 +8,13 @@ ran 6× slower than this form in isolation on a 2-core CPU (0.63 s against 0.11 
 converter see no difference; outputs and gradients equal the plain layer's to float rounding
 (``tests/test_speed_paths_networks.py``).
 
+:class:`SlicedDepthwiseConv3d` is a depthwise 3-D convolution evaluated as 2-D depthwise convolutions of the depth
+slices, summed over the kernel's depth: the same parameters again, a different summation order. It is a candidate
+for the GPU, where PyTorch runs a 5-D depthwise convolution either with its own 3-D kernel or with cuDNN's grouped
+NDHWC kernels, and the authors' network trained 4× slower per step than nnU-Net's; the 2-D depthwise kernels are
+the tuned ones. On the 2-core CPU it is slower (a 2 × 48³ training step 3.07 against 2.68 s), so nothing uses it
+there; ``benchmarks/bench_train_step.py`` measures it on the GPU.
+
 :class:`ChannelsLastInstanceNorm3d` is an instance norm evaluated as a group norm with one group per channel: the
 same per-sample, per-channel statistics. PyTorch's instance norm views its input as one sample of ``B·C`` channels,
 which forces a channels-last tensor into a contiguous copy, and its output stays contiguous, so the next
@@ -38,10 +45,12 @@ __all__ = [
     "ChannelsLastInstanceNorm3d",
     "Float32Conv3d",
     "GroupedPointwiseConv3d",
+    "SlicedDepthwiseConv3d",
     "use_channels_last",
     "use_channels_last_norms",
-    "use_float32_class_heads",
     "use_fast_paths",
+    "use_float32_class_heads",
+    "use_sliced_depthwise",
 ]
 
 
@@ -78,6 +87,81 @@ def use_fast_paths(network: nn.Module) -> int:
     for module in network.modules():
         if type(module) is nn.Conv3d and _is_grouped_pointwise(module):
             module.__class__ = GroupedPointwiseConv3d
+            changed += 1
+    return changed
+
+
+def _is_sliceable_depthwise(conv: nn.Conv3d) -> bool:
+    return (
+        conv.groups == conv.in_channels > 1
+        and conv.out_channels % conv.in_channels == 0
+        and max(conv.kernel_size) > 1
+        and tuple(conv.stride) == (1, 1, 1)
+        and tuple(conv.dilation) == (1, 1, 1)
+        and not isinstance(conv.padding, str)
+        and conv.padding_mode == "zeros"
+    )
+
+
+class SlicedDepthwiseConv3d(nn.Conv3d):
+    """Depthwise ``nn.Conv3d`` (``groups == in_channels``, stride 1) evaluated as 2-D depthwise convolutions of the
+    depth slices, summed over the kernel's depth.
+
+    ``out[d] = Σ_k conv2d(x[d + k - p], w[:, :, k])``. The scan's depth goes into the batch, ``(B·D, C, H, W)``,
+    and one 2-D depthwise convolution with channel multiplier ``kD`` (weight ``(O·kD, 1, kH, kW)``, a reshape of
+    the 3-D one) gives every ``(slice, k)`` term at once; the terms are then added with their depth shifts.
+
+    A channels-last input stays a view on the way in (depth and batch merge without a copy) and the output keeps
+    the input's layout. Other settings fall back to the plain convolution. Scratch memory: ``kD`` times the output.
+    """
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if not _is_sliceable_depthwise(self) or input.ndim != 5:
+            return super()._conv_forward(input, weight, bias)
+        batch, channels, depth, height, width = input.shape
+        k_depth, k_height, k_width = self.kernel_size
+        p_depth, p_height, p_width = self.padding
+        slices = input.transpose(1, 2).reshape(batch * depth, channels, height, width)
+        terms = F.conv2d(
+            slices,
+            weight.reshape(self.out_channels * k_depth, 1, k_height, k_width),
+            padding=(p_height, p_width),
+            groups=channels,
+        )
+        # (B, D, O, kD, H', W'): term k of output depth d sits at input depth d + k - p.
+        terms = terms.unflatten(1, (self.out_channels, k_depth)).unflatten(0, (batch, depth))
+        out_depth = depth + 2 * p_depth - k_depth + 1
+        out_shape = (batch, out_depth, self.out_channels, *terms.shape[-2:])
+        channels_last = input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous()
+        # Allocated in the input's layout; `by_depth` is its (B, D', O, H', W') view that the terms are added into.
+        if channels_last:
+            base = (batch, out_depth, *out_shape[-2:], self.out_channels)
+            start = bias.to(terms.dtype).expand(base) if bias is not None else terms.new_zeros(()).expand(base)
+            out = start.clone(memory_format=torch.contiguous_format)
+            by_depth = out.permute(0, 1, 4, 2, 3)
+        else:
+            base = (batch, self.out_channels, out_depth, *out_shape[-2:])
+            start = (
+                bias.to(terms.dtype).reshape(1, -1, 1, 1, 1).expand(base)
+                if bias is not None
+                else terms.new_zeros(()).expand(base)
+            )
+            out = start.clone(memory_format=torch.contiguous_format)
+            by_depth = out.transpose(1, 2)
+        for k in range(k_depth):
+            first, stop = max(0, p_depth - k), min(out_depth, depth + p_depth - k)
+            if first < stop:
+                by_depth[:, first:stop] += terms[:, first + k - p_depth : stop + k - p_depth, :, k]
+        return out.permute(0, 4, 1, 2, 3) if channels_last else out
+
+
+def use_sliced_depthwise(network: nn.Module) -> int:
+    """Turn every depthwise ``nn.Conv3d`` of ``network`` that :class:`SlicedDepthwiseConv3d` can evaluate into
+    one, in place (parameters untouched); returns how many layers changed."""
+    changed = 0
+    for module in network.modules():
+        if type(module) is nn.Conv3d and _is_sliceable_depthwise(module):
+            module.__class__ = SlicedDepthwiseConv3d
             changed += 1
     return changed
 
