@@ -31,6 +31,24 @@ def small_segmenter() -> SAMHybridUNet:
     )
 
 
+def assert_same_training_step(plain, other, seed: int, dtype=torch.float32, **grad_tolerance) -> torch.Tensor:
+    """One cross-entropy step of both networks (in ``dtype``) on the same random batch of two 32³ patches: the same
+    loss, and the same gradient for every parameter. Returns the batch."""
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(seed + 1))
+    losses = []
+    for network in (plain, other):
+        network.to(dtype).train()
+        loss = torch.nn.functional.cross_entropy(network(x), target)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = dict(plain.named_parameters())
+    for name, parameter in other.named_parameters():
+        torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name, **grad_tolerance)
+    return x
+
+
 def test_grouped_pointwise_conv_equals_the_plain_layer_forward_and_backward():
     torch.manual_seed(1)
     plain = torch.nn.Conv3d(12, 24, kernel_size=1, groups=4)
@@ -56,19 +74,7 @@ def test_fast_segmenter_equals_plain_outputs_gradients_and_parameters():
     assert list(fast_state) == list(plain_state)
     assert all(fast_state[k].shape == v.shape for k, v in plain_state.items())
 
-    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
-    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(3))
-    losses = []
-    for network in (plain, fast):
-        network.train()
-        loss = torch.nn.functional.cross_entropy(network(x), target)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0])
-    grads = dict(plain.named_parameters())
-    for name, parameter in fast.named_parameters():
-        torch.testing.assert_close(parameter.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-
+    x = assert_same_training_step(plain, fast, seed=2, rtol=1e-4, atol=1e-6)
     plain.eval(), fast.eval()
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -126,18 +132,8 @@ def test_sliced_segmenter_equals_plain_outputs_gradients_and_parameters():
     )
     assert use_sliced_depthwise(sliced) == depthwise > 0
     assert list(sliced.state_dict()) == list(plain.state_dict())
-    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(10))
-    losses = []
-    for network in (plain, sliced):  # float64: a different summation order, compared without float32 rounding
-        network.double().train()
-        loss = torch.nn.functional.cross_entropy(network(x), target)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0])
-    grads = dict(plain.named_parameters())
-    for name, parameter in sliced.named_parameters():
-        torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name)
+    # float64: a different summation order, compared without float32 rounding
+    x = assert_same_training_step(plain, sliced, seed=9, dtype=torch.float64)
     plain.eval(), sliced.eval()
     with torch.inference_mode():
         torch.testing.assert_close(sliced(x[:1]), plain(x[:1]))  # a batch of one: token volumes, other strides
@@ -177,20 +173,10 @@ def test_segmenter_with_channels_last_norms_equals_plain_outputs_and_gradients()
     use_channels_last(fast)  # norms already swapped: it converts the weights and, on the way in, the input
     assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in fast.parameters() if p.dim() == 5)
 
-    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(5))  # the hook makes it channels-last
-    target = torch.randint(0, 4, (2, 32, 32, 32), generator=torch.Generator().manual_seed(6))
     # Gradients in float64: in float32, oneDNN's channels-last convolution backward alone differs from the
     # contiguous one by up to a few % of a small weight gradient on the CPU, which would hide what the norms do.
-    losses = []
-    for network in (plain, fast):
-        network.double().train()
-        loss = torch.nn.functional.cross_entropy(network(x.double()), target)
-        loss.backward()
-        losses.append(loss)
-    torch.testing.assert_close(losses[1], losses[0])
-    grads = dict(plain.named_parameters())
-    for name, parameter in fast.named_parameters():
-        torch.testing.assert_close(parameter.grad, grads[name].grad, msg=name)
+    # The batch is contiguous: the hook makes it channels-last.
+    x = assert_same_training_step(plain, fast, seed=5, dtype=torch.float64).float()
     plain.float().eval(), fast.float().eval()
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -37,6 +37,9 @@ forward pass it measured no faster (``BENCHMARKS.md``), and on a GPU it is unmea
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +55,19 @@ __all__ = [
     "use_float32_class_heads",
     "use_sliced_depthwise",
 ]
+
+
+def _recast(modules: Iterable[nn.Module], form: type[nn.Module], eligible: Callable[[Any], bool] | None = None) -> int:
+    """Give every module whose class is exactly ``form``'s base class (a plain PyTorch layer, not a subclass) and
+    that is ``eligible`` the class ``form``, in place: a subclass that adds no state, so parameters, buffers and
+    hooks stay as they are. Returns how many modules changed."""
+    (plain,) = form.__bases__
+    changed = 0
+    for module in modules:
+        if type(module) is plain and (eligible is None or eligible(module)):
+            module.__class__ = form
+            changed += 1
+    return changed
 
 
 def _is_grouped_pointwise(conv: nn.Conv3d) -> bool:
@@ -83,12 +99,7 @@ class GroupedPointwiseConv3d(nn.Conv3d):
 def use_fast_paths(network: nn.Module) -> int:
     """Turn every grouped 1×1×1 ``nn.Conv3d`` of ``network`` into a :class:`GroupedPointwiseConv3d`, in place
     (parameters untouched); returns how many layers changed."""
-    changed = 0
-    for module in network.modules():
-        if type(module) is nn.Conv3d and _is_grouped_pointwise(module):
-            module.__class__ = GroupedPointwiseConv3d
-            changed += 1
-    return changed
+    return _recast(network.modules(), GroupedPointwiseConv3d, _is_grouped_pointwise)
 
 
 def _is_sliceable_depthwise(conv: nn.Conv3d) -> bool:
@@ -158,12 +169,7 @@ class SlicedDepthwiseConv3d(nn.Conv3d):
 def use_sliced_depthwise(network: nn.Module) -> int:
     """Turn every depthwise ``nn.Conv3d`` of ``network`` that :class:`SlicedDepthwiseConv3d` can evaluate into
     one, in place (parameters untouched); returns how many layers changed."""
-    changed = 0
-    for module in network.modules():
-        if type(module) is nn.Conv3d and _is_sliceable_depthwise(module):
-            module.__class__ = SlicedDepthwiseConv3d
-            changed += 1
-    return changed
+    return _recast(network.modules(), SlicedDepthwiseConv3d, _is_sliceable_depthwise)
 
 
 class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
@@ -180,12 +186,7 @@ class ChannelsLastInstanceNorm3d(nn.InstanceNorm3d):
 def use_channels_last_norms(network: nn.Module) -> int:
     """Turn every ``nn.InstanceNorm3d`` of ``network`` into a :class:`ChannelsLastInstanceNorm3d`, in place
     (parameters and buffers untouched); returns how many layers changed."""
-    changed = 0
-    for module in network.modules():
-        if type(module) is nn.InstanceNorm3d:
-            module.__class__ = ChannelsLastInstanceNorm3d
-            changed += 1
-    return changed
+    return _recast(network.modules(), ChannelsLastInstanceNorm3d)
 
 
 def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
@@ -218,9 +219,4 @@ def use_float32_class_heads(network: nn.Module) -> int:
     ``seg_layers``, nnU-Net's name for them) into :class:`Float32Conv3d`, in place (parameters untouched); returns
     how many layers changed."""
     owner = getattr(network, "decoder", network)
-    changed = 0
-    for module in getattr(owner, "seg_layers", ()):
-        if type(module) is nn.Conv3d:
-            module.__class__ = Float32Conv3d
-            changed += 1
-    return changed
+    return _recast(getattr(owner, "seg_layers", ()), Float32Conv3d)
