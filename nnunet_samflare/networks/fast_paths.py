@@ -142,28 +142,18 @@ class SlicedDepthwiseConv3d(nn.Conv3d):
         # (B, D, O, kD, H', W'): term k of output depth d sits at input depth d + k - p.
         terms = terms.unflatten(1, (self.out_channels, k_depth)).unflatten(0, (batch, depth))
         out_depth = depth + 2 * p_depth - k_depth + 1
-        out_shape = (batch, out_depth, self.out_channels, *terms.shape[-2:])
         channels_last = input.is_contiguous(memory_format=torch.channels_last_3d) and not input.is_contiguous()
-        # Allocated in the input's layout; `by_depth` is its (B, D', O, H', W') view that the terms are added into.
-        if channels_last:
-            base = (batch, out_depth, *out_shape[-2:], self.out_channels)
-            start = bias.to(terms.dtype).expand(base) if bias is not None else terms.new_zeros(()).expand(base)
-            out = start.clone(memory_format=torch.contiguous_format)
-            by_depth = out.permute(0, 1, 4, 2, 3)
-        else:
-            base = (batch, self.out_channels, out_depth, *out_shape[-2:])
-            start = (
-                bias.to(terms.dtype).reshape(1, -1, 1, 1, 1).expand(base)
-                if bias is not None
-                else terms.new_zeros(()).expand(base)
-            )
-            out = start.clone(memory_format=torch.contiguous_format)
-            by_depth = out.transpose(1, 2)
+        # The output starts as the bias, in the input's layout; the terms are added into its (B, D', O, H', W') view.
+        start = terms.new_zeros(()) if bias is None else bias.to(terms.dtype).reshape(-1, 1, 1, 1)
+        out = start.expand(batch, self.out_channels, out_depth, *terms.shape[-2:]).clone(
+            memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format
+        )
+        by_depth = out.transpose(1, 2)
         for k in range(k_depth):
             first, stop = max(0, p_depth - k), min(out_depth, depth + p_depth - k)
             if first < stop:
                 by_depth[:, first:stop] += terms[:, first + k - p_depth : stop + k - p_depth, :, k]
-        return out.permute(0, 4, 1, 2, 3) if channels_last else out
+        return out
 
 
 def use_sliced_depthwise(network: nn.Module) -> int:
