@@ -9,8 +9,8 @@ peak-memory counters of one measurement cannot leak into the next):
   ``nnUNetTrainer.train_step`` does it, on a batch of the plans' batch size; on CUDA with autocast + GradScaler.
   Loss: nnU-Net's own (``DC_and_CE_loss``; ``DC_and_BCE_loss`` for the region-based locator), wrapped in
   ``DeepSupervisionWrapper`` for the nnU-Net network exactly as ``nnUNetTrainer._build_loss`` builds it.
-  Optimizer: AdamW (lr 3e-4, wd 1e-5, the plug-in's) for all three by default; ``--nnunet-optimizer sgd`` gives
-  nnU-Net's network its own SGD (momentum 0.99, Nesterov).
+  Optimizer: AdamW (lr 3e-4, wd 1e-5, fused like the plug-in's trainers) for all three by default;
+  ``--nnunet-optimizer sgd`` gives nnU-Net's network its own SGD (momentum 0.99, Nesterov).
 * time: median of ``--repeats`` runs after ``--warmup`` runs, each bracketed by ``torch.cuda.synchronize``.
 * peak memory: on CPU the peak RSS of the measuring process (``getrusage`` ``ru_maxrss``) minus its RSS after
   imports, model, inputs and optimizer construction, i.e. what the measured work itself added; on CUDA
@@ -309,10 +309,7 @@ def worker(spec_file: Path, mode: str, result_file: Path) -> None:
         network.train()
         loss_fn = _build_loss(spec)
         targets = _make_targets(spec, _output_shapes(spec, spec.deep_supervision, input_shape), device)
-        if spec.optimizer == "sgd":
-            optimizer = torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
-        else:
-            optimizer = torch.optim.AdamW(network.parameters(), lr=3e-4, weight_decay=1e-5)
+        optimizer = build_optimizer(spec, network, device)
         scaler = torch.amp.GradScaler("cuda") if cuda else None
 
         def step():
@@ -367,6 +364,18 @@ def worker(spec_file: Path, mode: str, result_file: Path) -> None:
         result["peak_MB"] = result["peak_rss_delta_MB"]
         result["peak_kind"] = "peak RSS minus RSS after imports, model, inputs and optimizer construction"
     result_file.write_text(json.dumps(result), encoding="utf-8")
+
+
+def build_optimizer(spec: NetworkSpec, network, device):
+    """nnU-Net's SGD for ``spec.optimizer == "sgd"``, else the plug-in trainers' AdamW (fused where PyTorch has the
+    kernel, ``nnunet_samflare.training.optimizer``) at lr 3e-4, weight decay 1e-5."""
+    import torch
+
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    from nnunet_samflare.training.optimizer import build_adamw
+
+    return build_adamw(network.parameters(), 3e-4, 1e-5, device)
 
 
 def backward_and_step(loss, network, optimizer, scaler) -> float:

@@ -2,8 +2,9 @@
 segmenter and a torch.profiler table of where its step goes.
 
 One training step as ``nnUNetTrainer.train_step`` does it (zero_grad, forward and loss under fp16 autocast on
-CUDA, GradScaler backward, gradient clipping at 12, AdamW step, loss to the host), batch 2 × 96³ for the
-segmenter, nnU-Net's own patch and batch for its ``3d_fullres`` network (deep supervision on, as it trains).
+CUDA, GradScaler backward, gradient clipping at 12, the trainers' fused AdamW step, loss to the host), batch 2 ×
+96³ for the segmenter, nnU-Net's own patch and batch for its ``3d_fullres`` network (deep supervision on, as it
+trains).
 Networks, losses and targets come from ``bench_networks.py``; every measurement runs in a fresh process.
 
 Segmenter variants (all compute the same function with the same parameters; ``tests/test_speed_paths_networks.py``
@@ -86,7 +87,7 @@ def worker(payload_file: Path, result_file: Path) -> None:
     network.train()
     loss_fn = networks._build_loss(spec)
     targets = networks._make_targets(spec, networks._output_shapes(spec, spec.deep_supervision, input_shape), device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=3e-4, weight_decay=1e-5)
+    optimizer = networks.build_optimizer(spec, network, device)
     scaler = torch.amp.GradScaler("cuda") if cuda else None
 
     def sync():

@@ -16,6 +16,7 @@ import torch
 
 from nnunet_samflare.training import trainers
 from nnunet_samflare.training.lr_schedule import CosineAnnealingLRScheduler, cosine_lr
+from nnunet_samflare.training.optimizer import build_adamw
 from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM, ForegroundBoxDataset, foreground_box
 from nnunet_samflare.training.trainers import (
     TRAINING_LENGTHS,
@@ -67,6 +68,7 @@ def test_recipe_and_resume_restores_the_schedule(nnunet_env, tmp_path):
     trainer.initialize()
     assert isinstance(trainer.optimizer, torch.optim.AdamW)
     assert trainer.optimizer.defaults["weight_decay"] == 1e-5
+    assert trainer.optimizer.defaults["fused"] is True  # training.optimizer: PyTorch would loop per tensor on a CPU
     # the authors' code's schedule (docs/method.md §7 #14): the paper's 3e-4 to 1e-5 learned nothing in short runs
     assert trainer.num_epochs == 300 and (trainer.initial_lr, trainer.final_lr) == (1e-3, 1e-4)
     assert trainer._do_i_compile() is False
@@ -83,6 +85,44 @@ def test_recipe_and_resume_restores_the_schedule(nnunet_env, tmp_path):
     expected = cosine_lr(122, 300, 1e-3, 1e-4)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
     assert not math.isclose(expected, 1e-3)
+    assert resumed.optimizer.param_groups[0]["fused"] is True
+
+
+def test_fused_adamw_makes_the_plain_adamw_update():
+    torch.manual_seed(0)
+    shapes = [(6, 3, 3, 3, 3), (6,), (4, 7)]
+    plain_params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    fused_params = [torch.nn.Parameter(p.detach().clone()) for p in plain_params]
+    plain = torch.optim.AdamW(plain_params, lr=1e-3, weight_decay=1e-5, fused=False, foreach=False)
+    start = [p.detach().clone() for p in plain_params]
+    fused = build_adamw(fused_params, 1e-3, 1e-5, torch.device("cpu"))
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == 1e-3 and fused.defaults["weight_decay"] == 1e-5
+    for _ in range(3):
+        for p, q in zip(plain_params, fused_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        plain.step(), fused.step()
+    for p, q, p0 in zip(plain_params, fused_params, start):
+        assert not torch.equal(q, p0)
+        torch.testing.assert_close(q, p)
+    assert build_adamw(fused_params, 1e-3, 1e-5, torch.device("meta")).defaults["fused"] is False
+
+
+def test_fused_adamw_under_nnunets_amp_step_skips_an_overflow_and_takes_the_next_step():
+    # nnUNetTrainer.train_step on CUDA: scale, backward, unscale_, clip at 12, GradScaler.step, update. The fused
+    # optimizer takes the overflow flag from the scaler instead of a host-side check: the same order on a CPU.
+    parameter = torch.nn.Parameter(torch.ones(4))
+    optimizer = build_adamw([parameter], 0.1, 0.0, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for gradient, expected in ((torch.tensor([1.0, math.inf, 1.0, 1.0]), 1.0), (torch.ones(4), 0.9)):
+        optimizer.zero_grad()
+        scaler.scale((parameter * gradient).sum()).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([parameter], 12)
+        scaler.step(optimizer)
+        scaler.update()
+        torch.testing.assert_close(parameter.detach(), torch.full((4,), expected))  # Adam's first step: lr
+    assert scaler.get_scale() == 512.0  # halved once, by the overflow
 
 
 def test_binary_foreground_dataset_json_includes_tumor():
