@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -141,6 +142,25 @@ def test_failing_start_and_timeout_are_reported(tmp_path):
     assert record["timed_out"] and record["exit_code"] != 0
     grandchild = int(log.read_text().split()[0])  # killed with its parent, not left running
     assert not psutil.pid_exists(grandchild) or psutil.Process(grandchild).status() == psutil.STATUS_ZOMBIE
+
+
+def test_an_exited_child_awaiting_its_parent_is_not_a_process_whose_pss_was_unreadable():
+    # A child that has exited but not been waited for stays in the tree as a zombie, without memory: reading its
+    # smaps_rollup fails with ESRCH. It must count as nothing, not as an RSS fallback (a sample that met the forked
+    # child of the test below in that state once turned its record into "PSS, RSS where PSS was unreadable").
+    zombie_for_a_while = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'pass']); time.sleep(1.5); p.wait()"
+    )
+    record = run_and_sample([PY, "-c", zombie_for_a_while], interval=0.05)
+    assert record["exit_code"] == 0 and record["RAM_measure"] == "PSS", record["RAM_measure"]
+    child = subprocess.Popen([PY, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process_memory_mb(child.pid) is None
+    finally:
+        child.wait()
 
 
 def test_ram_is_summed_pss_so_pages_shared_with_a_fork_count_once(monkeypatch):

@@ -12,7 +12,8 @@ MIB = 1024 * 1024
 
 
 def process_memory_mb(pid: int) -> tuple[float, float | None] | None:
-    """(RSS, PSS) of one process in MiB; PSS is None where it cannot be read; None if the process is gone.
+    """(RSS, PSS) of one process in MiB; PSS is None where it cannot be read; None if the process is gone or has
+    no memory left (a zombie, or a process on its way out).
 
     Both come from ``/proc/<pid>/smaps_rollup`` (one read); without it RSS comes from psutil.
     """
@@ -24,6 +25,10 @@ def process_memory_mb(pid: int) -> tuple[float, float | None] | None:
                     rss = int(line.split()[1]) / 1024  # kB
                 elif line.startswith(b"Pss:"):
                     pss = int(line.split()[1]) / 1024
+    except ProcessLookupError:
+        # ESRCH: the process has released its memory (it exited and awaits its parent's wait). psutil would give
+        # it an RSS of 0, counted as a process whose PSS was unreadable.
+        return None
     except (OSError, ValueError, IndexError):
         pass
     if rss is not None and pss is not None:
