@@ -1,8 +1,8 @@
 """The recipe's optimizer: AdamW, with PyTorch's fused kernel where it has one.
 
 The fused AdamW makes the same update to float rounding, in one pass over each group of tensors instead of a
-dozen element-wise operations per parameter tensor; PyTorch only picks it by itself for no device (it defaults
-to the for-each form on CUDA and the per-tensor loop on a CPU). On the 2-core CPU the segmenter's optimizer step
+dozen element-wise operations per parameter tensor. PyTorch never picks it by itself: unasked, it takes the
+for-each form on CUDA and the per-tensor loop on a CPU. On the 2-core CPU the segmenter's optimizer step
 with nnU-Net's gradient clipping (35.8 M parameters in 373 tensors) went from 157–161 to 59–60 ms, and a whole
 training step at the demo's 2 × 32³ from 964–1,028 to 884–885 ms (BENCHMARKS.md).
 
