@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import TextIO, TypeVar
 
 EXIT_OK = 0
 EXIT_BUG = 1  # Python's own exit code for an uncaught exception (the traceback is printed)
@@ -149,7 +149,7 @@ def run_cases(
     return results
 
 
-def report(error: BaseException, prog: str, stream=None) -> int | None:
+def report(error: BaseException, prog: str, stream: TextIO | None = None) -> int | None:
     """Print a bad-input or out-of-memory error for the user (``prog: error: ...``, one line per failed case)
     and return its exit code; return None for a bug, which the caller re-raises with its traceback."""
     import sys

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nnunet_samflare.labels import FLARE_LABELS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _new_figure(width: float, height: float, rows: int = 1):
@@ -22,7 +26,7 @@ def _new_figure(width: float, height: float, rows: int = 1):
     return figure, axes
 
 
-def _save(figure, path: str | Path) -> Path:
+def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -363,7 +363,7 @@ def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool)
     return all(p.is_file() for p in wanted)
 
 
-def _cascade_grids(predictor, predictor_options: dict) -> CascadeGrids | None:
+def _cascade_grids(predictor: CascadePredictor | None, predictor_options: dict) -> CascadeGrids | None:
     """The two models' grids from a loaded predictor, or from their folders' plans (no checkpoint loaded); None
     for a pipeline without nnU-Net model folders (its cases get the geometry checks only)."""
     if predictor is not None:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ from nnunet_samflare.training.names import (  # the configuration names stay imp
 )
 from nnunet_samflare.training.plans import transposed
 from nnunet_samflare.training.roi_sampling import DEFAULT_ROI_MARGIN_MM as _DEFAULT_ROI_MARGIN_MM
+
+if TYPE_CHECKING:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 #: Margin (mm) added around the locator's box on every side. Defined in ``training.roi_sampling`` (the segmenter
 #: trains around it and is validated with it) and re-exported here.
@@ -113,7 +116,7 @@ def load_predictor(
     fast_layers: bool = False,
     channels_last: bool = False,
     cpu_bf16: bool = False,
-):
+) -> nnUNetPredictor:
     """An initialised ``nnUNetPredictor`` for one model folder; a clear one-line error if it is not usable.
     ``fast_layers`` swaps layers with slow kernels for identical faster forms (``networks.fast_paths``);
     ``channels_last`` runs the network in ``torch.channels_last_3d`` memory format and ``cpu_bf16`` under bfloat16
@@ -162,7 +165,9 @@ def load_predictor(
     return predictor
 
 
-def initialize_from_model_folder(predictor, folder: Path, folds: Sequence[int | str], checkpoint_name: str) -> None:
+def initialize_from_model_folder(
+    predictor: nnUNetPredictor, folder: Path, folds: Sequence[int | str], checkpoint_name: str
+) -> None:
     """``predictor.initialize_from_trained_model_folder``, without nnU-Net's trainer lookup for the plug-in's own
     trainers.
 
@@ -213,7 +218,7 @@ def initialize_from_model_folder(predictor, folder: Path, folds: Sequence[int | 
 
 
 @torch.inference_mode()
-def sliding_window_logits(predictor, data: torch.Tensor) -> torch.Tensor:
+def sliding_window_logits(predictor: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
     """Sliding-window logits of a preprocessed (c, z, y, x) array, averaged over the predictor's folds and
     left on its device (nnU-Net's ``predict_logits_from_preprocessed_data`` moves them to the host).
 
@@ -357,7 +362,7 @@ class CascadePredictor:
 
     # -- phase 1 ---------------------------------------------------------------------------------------------
 
-    def _preprocess(self, predictor, data: np.ndarray, properties: dict) -> tuple[torch.Tensor, dict]:
+    def _preprocess(self, predictor: nnUNetPredictor, data: np.ndarray, properties: dict) -> tuple[torch.Tensor, dict]:
         """nnU-Net's preprocessing of ``data`` for ``predictor``'s configuration (slab-wise, see the module
         docstring) and nnU-Net's properties of the result."""
         preprocessed, properties = preprocess_image(
@@ -415,7 +420,9 @@ class CascadePredictor:
         return SegmenterInput(roi, roi_properties)
 
     @torch.inference_mode()
-    def segment(self, roi: SegmenterInput, timings: dict | None = None, return_logits: bool = False):
+    def segment(
+        self, roi: SegmenterInput, timings: dict | None = None, return_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, dict]:
         """Label map of the resampled ROI (uint8 tensor on the device, (z, y, x) in original axis order); with
         ``return_logits`` also the segmenter's logits on the host (float32, nnU-Net's axis order, cropped to the
         nonzero box) and nnU-Net's properties of that grid, as :meth:`export_probabilities` takes them."""

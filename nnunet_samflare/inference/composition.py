@@ -29,6 +29,7 @@ from nnunet_samflare.inference.roi import (
 )
 from nnunet_samflare.inference.validation import CascadeGrids, validate_case, validate_loaded
 from nnunet_samflare.io import (
+    Case,
     Grid,
     InputError,
     check_grids_fit,
@@ -95,7 +96,7 @@ def locate_to_folder(
     return [roi_dir / f"{case.case_id}.json" for case in cases]
 
 
-def _locate_case(predictor: CascadePredictor, case, roi_dir: Path, grids: CascadeGrids) -> Path:
+def _locate_case(predictor: CascadePredictor, case: Case, roi_dir: Path, grids: CascadeGrids) -> Path:
     record_path = roi_dir / f"{case.case_id}.json"
     data, properties = read_case(case)
     if case.is_dicom:

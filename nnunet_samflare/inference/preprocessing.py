@@ -24,13 +24,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from nnunetv2.configuration import ANISO_THRESHOLD
 from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, determine_do_sep_z_and_axis
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 #: nnU-Net's ``resampling_fn_data`` that :func:`resample_image` reproduces; other functions are called as they are.
 NNUNET_DEFAULT_RESAMPLING = "resample_data_or_seg_to_shape"
@@ -172,7 +175,7 @@ def resample_image(
 
 
 def resample_with_configuration(
-    configuration_manager,
+    configuration_manager: ConfigurationManager,
     data: np.ndarray,
     new_shape: Sequence[int],
     current_spacing: Sequence[float],
@@ -215,7 +218,7 @@ def nonzero_box(data: np.ndarray, slab_voxels: int = SLAB_VOXELS) -> list[list[i
     return box
 
 
-def _voxelwise_normalizers(configuration_manager, plans_manager) -> list | None:
+def _voxelwise_normalizers(configuration_manager: ConfigurationManager, plans_manager: PlansManager) -> list | None:
     """nnU-Net's normaliser of every channel if all of them map each voxel on its own (CT windowing, none);
     None if any needs whole-image statistics or a mask (z-score, rescaling), which only nnU-Net's code does."""
     import nnunetv2
@@ -241,7 +244,11 @@ def _voxelwise_normalizers(configuration_manager, plans_manager) -> list | None:
 
 
 def preprocess_image(
-    data: np.ndarray, properties: dict[str, Any], plans_manager, configuration_manager, dataset_json: dict
+    data: np.ndarray,
+    properties: dict[str, Any],
+    plans_manager: PlansManager,
+    configuration_manager: ConfigurationManager,
+    dataset_json: dict,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """``DefaultPreprocessor.run_case_npy(data, None, properties, ...)`` for the image alone: the preprocessed
     float32 ``(c, *grid)`` array in nnU-Net's (transposed) axis order and a copy of ``properties`` with

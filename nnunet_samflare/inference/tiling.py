@@ -21,6 +21,7 @@ import contextlib
 import functools
 import traceback
 from collections import deque
+from collections.abc import Callable, Sequence
 
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -29,7 +30,14 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 class _TileBatches:
     """Predictions of the tiles ``slicers`` of ``data``, computed ``size`` at a time, handed out in order."""
 
-    def __init__(self, predict, data: torch.Tensor, slicers, size: int, device: torch.device):
+    def __init__(
+        self,
+        predict: Callable[[torch.Tensor], torch.Tensor],
+        data: torch.Tensor,
+        slicers: Sequence[tuple[slice, ...]],
+        size: int,
+        device: torch.device,
+    ):
         self.predict, self.data, self.slicers, self.size, self.device = predict, data, slicers, size, device
         self.next_tile = 0
         self.ready: deque[torch.Tensor] = deque()
@@ -66,7 +74,7 @@ class TileBatchingPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def _internal_predict_sliding_window_return_logits(
-        self, data: torch.Tensor, slicers, do_on_device: bool = True
+        self, data: torch.Tensor, slicers: Sequence[tuple[slice, ...]], do_on_device: bool = True
     ) -> torch.Tensor:
         if self.tile_batch_size > 1:
             self._batches = _TileBatches(

@@ -20,12 +20,19 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import SimpleITK as sitk
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.io import Case, Geometry, Grid, check_geometry, check_grids_fit, check_num_channels, read_header
 from nnunet_samflare.training.plans import transposed
+
+if TYPE_CHECKING:
+    import numpy as np
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_samflare.inference.cascade import CascadePredictor
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,10 @@ class CascadeGrids:
         )
 
     @classmethod
-    def from_predictor(cls, predictor) -> CascadeGrids:
+    def from_predictor(cls, predictor: CascadePredictor) -> CascadeGrids:
         """From a loaded :class:`~nnunet_samflare.inference.cascade.CascadePredictor`."""
 
-        def describe(p):
+        def describe(p: nnUNetPredictor) -> tuple[tuple[float, ...], tuple[int, ...], int]:
             backward = p.plans_manager.transpose_backward
             return (
                 tuple(transposed(p.configuration_manager.spacing, backward)),
@@ -171,7 +178,11 @@ def validate_case(
 
 
 def validate_loaded(
-    data, properties: dict, name: str | os.PathLike, grids: CascadeGrids | None = None, probabilities: bool = False
+    data: np.ndarray,
+    properties: dict,
+    name: str | os.PathLike,
+    grids: CascadeGrids | None = None,
+    probabilities: bool = False,
 ) -> None:
     """The geometry and memory checks of :func:`validate_case` for a case already read (``data`` (c, z, y, x),
     ``properties`` as from ``read_case``): what is left to check for a DICOM series, before any model work."""

@@ -44,7 +44,14 @@ _PAPER = {
 }
 
 
-def _sdpa_for_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _sdpa_for_cpu_flops(
+    query_shape: Sequence[int],
+    key_shape: Sequence[int],
+    value_shape: Sequence[int],
+    *args: Any,
+    out_shape: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 

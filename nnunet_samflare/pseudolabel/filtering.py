@@ -104,7 +104,7 @@ def filter_case(
     return record
 
 
-def _check_fits(reader: ProbabilityReader, shape: tuple[int, ...], label_map) -> None:
+def _check_fits(reader: ProbabilityReader, shape: tuple[int, ...], label_map: str | os.PathLike) -> None:
     if reader.spatial_shape != tuple(shape):
         raise InputError(
             reader.path, f"probabilities of spatial shape {reader.spatial_shape} do not fit {label_map} {tuple(shape)}"

@@ -47,7 +47,9 @@ def save_label_map(array: np.ndarray, like: sitk.Image, path: str | os.PathLike)
     write_image_atomic(image, path)
 
 
-def check_same_grid(reference: sitk.Image, other: sitk.Image, other_name: str | os.PathLike, reference_name) -> None:
+def check_same_grid(
+    reference: sitk.Image, other: sitk.Image, other_name: str | os.PathLike, reference_name: str | os.PathLike
+) -> None:
     """Refuse ``other`` unless it has the voxel grid and world placement of ``reference``."""
     if other.GetSize() != reference.GetSize():
         raise InputError(other_name, f"size {other.GetSize()} differs from {reference_name} {reference.GetSize()}")

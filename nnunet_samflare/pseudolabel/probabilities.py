@@ -15,9 +15,10 @@ import pickle
 import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.io import atomic_output
@@ -87,7 +88,7 @@ class ProbabilityReader:
             raise InputError(self.path, f"cannot read probabilities ({' '.join(str(e).split())})") from None
 
 
-def _read_npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
+def _read_npy_header(stream: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
     version = np.lib.format.read_magic(stream)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(stream)
@@ -96,7 +97,7 @@ def _read_npy_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
     raise ValueError(f"unsupported .npy format version {version}")
 
 
-def _read_exactly(stream, out: np.ndarray, path: Path) -> None:
+def _read_exactly(stream: BinaryIO, out: np.ndarray, path: Path) -> None:
     view = memoryview(out).cast("B")
     filled = 0
     while filled < len(view):
@@ -110,7 +111,7 @@ def write_probabilities(
     path: str | os.PathLike,
     shape: tuple[int, ...],
     channels: Iterable[np.ndarray],
-    dtype=np.float32,
+    dtype: npt.DTypeLike = np.float32,
     compress_level: int = COMPRESS_LEVEL,
 ) -> Path:
     """Write ``<case>.npz`` as nnU-Net does (one ``probabilities`` array, ``np.load`` reads it), from ``channels``

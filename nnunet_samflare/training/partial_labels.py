@@ -264,7 +264,7 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
         self._marginal_loss.annotated = self.annotation_mask(batch["keys"])
         return super().validation_step(batch)
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         if os.environ.get(SKIP_FINAL_VALIDATION_ENV, "").strip().lower() in ("1", "true", "t", "yes"):
             self.print_to_log_file(f"final validation skipped ({SKIP_FINAL_VALIDATION_ENV} is set)")
             return

@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import get_bbox_from_mask
+from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset
 
 #: Margin (mm) the cascade adds around the locator's box on every side. The reference uses none (docs/method.md §7 #19);
 #: a margin absorbs a locator that stops a little short of an organ's edge, at the cost of a few more segmenter
@@ -79,7 +84,7 @@ class ForegroundBoxDataset:
     label) are dropped. Cases without foreground are returned whole.
     """
 
-    def __init__(self, dataset, spacing: Sequence[float], margin_mm: tuple[float, float]):
+    def __init__(self, dataset: nnUNetBaseDataset, spacing: Sequence[float], margin_mm: tuple[float, float]):
         self._dataset = dataset
         self._spacing = [float(s) for s in spacing]
         self._margin_mm = margin_mm
@@ -89,7 +94,7 @@ class ForegroundBoxDataset:
     def identifiers(self) -> list[str]:
         return self._dataset.identifiers
 
-    def load_case(self, identifier: str):
+    def load_case(self, identifier: str) -> tuple[ArrayLike, ArrayLike, ArrayLike | None, dict]:
         data, seg, seg_prev, properties = self._dataset.load_case(identifier)
         if identifier not in self._boxes:
             self._boxes[identifier] = foreground_box(seg)

@@ -35,13 +35,17 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from time import sleep
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from nnunet_samflare.training.plans import LOCATOR
 from nnunet_samflare.training.roi_sampling import Box, cascade_roi
+
+if TYPE_CHECKING:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 #: The cascade's inference defaults (docs/method.md §11.5), used for the ROI validation.
 VALIDATION_TILE_STEP = 0.5
@@ -56,7 +60,7 @@ DEFAULT_LOCATOR_TRAINER = "nnUNetTrainer_SAMFlareLocator"
 _OUTSIDE_LOGIT = -30.0
 
 
-def roi_logits(predictor, data: torch.Tensor, box: Box | None, has_regions: bool) -> torch.Tensor:
+def roi_logits(predictor: nnUNetPredictor, data: torch.Tensor, box: Box | None, has_regions: bool) -> torch.Tensor:
     """Logits of the whole preprocessed case ``(c, z, y, x)``: the sliding window inside ``box`` and background
     everywhere else (all of it when ``box`` is None)."""
     heads = predictor.label_manager.num_segmentation_heads
@@ -78,7 +82,7 @@ def cascade_validation_enabled(default: bool) -> bool:
     return default
 
 
-def validate_segmenter_in_roi(trainer, save_probabilities: bool = False) -> None:
+def validate_segmenter_in_roi(trainer: nnUNetTrainer, save_probabilities: bool = False) -> None:
     """``perform_actual_validation`` of the segmenter, on the cascade's region (module docstring, step 1), then
     through the whole cascade where a locator exists (step 2)."""
     from batchgenerators.utilities.file_and_folder_operations import join
@@ -198,7 +202,7 @@ def validate_segmenter_in_roi(trainer, save_probabilities: bool = False) -> None
     compute_gaussian.cache_clear()
 
 
-def find_validation_locator(trainer, checkpoint: str = "checkpoint_final.pth") -> Path | None:
+def find_validation_locator(trainer: nnUNetTrainer, checkpoint: str = "checkpoint_final.pth") -> Path | None:
     """A trained locator model folder for the trainer's dataset, plans and fold, or None.
 
     ``SAMFLARE_VALIDATION_LOCATOR`` wins. Otherwise, among the ``*__<plans>__3d_locator`` folders beside the
@@ -234,7 +238,9 @@ def roi_recall(reference: np.ndarray, box: Sequence[Sequence[int]] | None) -> fl
     return inside / total
 
 
-def validate_through_cascade(trainer, val_keys: Sequence[str], gt_folder: str, metric_args: tuple) -> dict[str, Any]:
+def validate_through_cascade(
+    trainer: nnUNetTrainer, val_keys: Sequence[str], gt_folder: str, metric_args: tuple
+) -> dict[str, Any]:
     """Step 2 of the module docstring. Returns what ``summary.json`` records about it (``status`` always)."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 

@@ -145,7 +145,7 @@ class nnUNetTrainer_SAMFlareSegmenter(nnUNetTrainer_SAMFlareBase):
     #: validation predicts with the same one.
     validation_checkpoint_name: str = "checkpoint_final.pth"
 
-    def get_tr_and_val_datasets(self):
+    def get_tr_and_val_datasets(self) -> tuple[ForegroundBoxDataset, ForegroundBoxDataset]:
         # Patches come from the region the cascade will crop, not from the whole scan (docs/method.md §11.6). Training
         # draws a random margin; the online validation (pseudo Dice, hence checkpoint_best) uses the cascade's.
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -156,17 +156,19 @@ class nnUNetTrainer_SAMFlareSegmenter(nnUNetTrainer_SAMFlareBase):
             ForegroundBoxDataset(dataset_val, spacing, (margin, margin)),
         )
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
+    def load_checkpoint(self, filename_or_checkpoint: str | dict) -> None:
         super().load_checkpoint(filename_or_checkpoint)
         if isinstance(filename_or_checkpoint, str):
             self.validation_checkpoint_name = os.path.basename(filename_or_checkpoint)
 
-    def perform_actual_validation(self, save_probabilities: bool = False):
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         # nnU-Net validates over whole scans; the cascade never asks that of the segmenter. Validate it in the
         # cascade's region (summary.json) and, where a locator exists, through the cascade (summary_cascade.json).
         validate_segmenter_in_roi(self, save_probabilities)
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(
+        self,
+    ) -> tuple[tuple[tuple[float, float], ...], bool, tuple[int, ...], tuple[int, ...]]:
         # Right/left kidney and adrenal gland are different labels: a left-right flip would teach the network
         # that the side does not matter. The x axis of the SimpleITK array is the patient's left-right axis in
         # axial CT; it is not mirrored in augmentation nor in test-time augmentation.

@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.example_data import example_dataset
@@ -50,6 +50,9 @@ from nnunet_samflare.training.names import (
     SEGMENTER_CONFIGURATION,
     SEGMENTER_TRAINER,
 )
+
+if TYPE_CHECKING:
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 DEFAULT_DATASET_ID = 501
 DEFAULT_WORK_FOLDER = "samflare-demo"
@@ -335,7 +338,7 @@ class _Stages:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def _pseudo_dice_text(trainer, names: Mapping[int, str]) -> str:
+def _pseudo_dice_text(trainer: nnUNetTrainer, names: Mapping[int, str]) -> str:
     """The latest epoch's pseudo-Dice (nnU-Net's online validation on patches), for the marker organs."""
     values = trainer.logger.get_value("dice_per_class_or_region", step=-1)
     label_manager = trainer.label_manager
