@@ -274,3 +274,57 @@ def test_online_validation_uses_the_cascade_margin(nnunet_env):
     expected = [min(size, hi + p) - max(0, lo - p) for (lo, hi), p, size in zip(box, pad, seg.shape[1:])]
     shapes = {dataset_val.load_case("TSEX_0001")[1].shape[1:] for _ in range(3)}
     assert shapes == {tuple(expected)}  # the same region every time, not a random one
+
+
+def test_resumed_segmenter_validates_the_cascade_with_the_checkpoint_it_ends_with(nnunet_env):
+    plans, dataset_json = nnunet_env
+    trainer = make_trainer(nnUNetTrainer_SAMFlareSegmenter, "3d_segmenter", plans, dataset_json)
+    trainer.initialize()
+    latest = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.save_checkpoint(latest)
+
+    # nnUNetv2_train --c loads checkpoint_latest.pth, trains on, and nnU-Net's on_train_end writes
+    # checkpoint_final.pth and deletes checkpoint_latest.pth before the final validation
+    resumed = make_trainer(nnUNetTrainer_SAMFlareSegmenter, "3d_segmenter", plans, dataset_json, continue_training=True)
+    resumed.load_checkpoint(latest)
+    assert resumed.validation_checkpoint_name == "checkpoint_latest.pth"
+    resumed.on_train_end()
+    assert not os.path.exists(latest)
+    assert resumed.validation_checkpoint_name == "checkpoint_final.pth"
+    assert os.path.isfile(os.path.join(resumed.output_folder, resumed.validation_checkpoint_name))
+    # --val_best after training: the loaded checkpoint is the one to validate
+    resumed.load_checkpoint(os.path.join(resumed.output_folder, "checkpoint_final.pth"))
+    assert resumed.validation_checkpoint_name == "checkpoint_final.pth"
+
+
+def test_every_plugin_trainer_skips_its_final_validation_when_asked(nnunet_env, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_samflare.training.partial_labels import nnUNetTrainer_SAMFlareSegmenterPartial
+
+    plans, dataset_json = nnunet_env
+    validated = []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation", lambda self, *a: validated.append(type(self)))
+    monkeypatch.setattr(trainers, "validate_segmenter_in_roi", lambda self, *a: validated.append(type(self)))
+    built = [
+        make_trainer(cls, configuration, plans, dataset_json)
+        for cls, configuration in (
+            (nnUNetTrainer_SAMFlareLocator, "3d_locator"),
+            (nnUNetTrainer_SAMFlareSegmenter, "3d_segmenter"),
+            (nnUNetTrainer_SAMFlareSegmenterPartial, "3d_segmenter"),
+        )
+    ]
+    log = []
+    for trainer in built:
+        trainer.print_to_log_file = lambda *args, **kwargs: log.append(" ".join(map(str, args)))
+
+    monkeypatch.setenv(trainers.SKIP_FINAL_VALIDATION_ENV, "1")
+    for trainer in built:
+        trainer.perform_actual_validation()
+    assert validated == []
+    assert log == [f"final validation skipped ({trainers.SKIP_FINAL_VALIDATION_ENV} is set)"] * 3
+
+    monkeypatch.delenv(trainers.SKIP_FINAL_VALIDATION_ENV)
+    for trainer in built:
+        trainer.perform_actual_validation()
+    assert validated == [type(trainer) for trainer in built]

@@ -25,8 +25,8 @@ locator and the final segmenter are trained on D_{R+1} (fold ``all``).
 Killing the run at any moment and re-running the same command continues it: ``state.json`` in the work folder
 lists the finished steps; a half-done training resumes through nnU-Net's ``--c``; the per-case steps skip the
 cases whose outputs exist (every file is written under a temporary name and renamed, the label map last). The
-trainings the run starts skip nnU-Net's final validation (``SAMFLARE_SKIP_FINAL_VALIDATION=1``, honoured by the
-plug-in's partial-label trainers): the held-out cases are predicted by step 3 anyway.
+trainings the run starts skip nnU-Net's final validation (``SAMFLARE_SKIP_FINAL_VALIDATION=1``, honoured by every
+plug-in trainer): the held-out cases are predicted by step 3 anyway.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from nnunet_samflare.training.names import (
     LOCATOR_TRAINER,
     SEGMENTER_CONFIGURATION,
 )
-from nnunet_samflare.training.partial_labels import SKIP_FINAL_VALIDATION_ENV
+from nnunet_samflare.training.trainers import SKIP_FINAL_VALIDATION_ENV
 
 PARTIAL_SEGMENTER_TRAINER = "nnUNetTrainer_SAMFlareSegmenterPartial"
 #: nnU-Net's seed for cross-validation splits (``generate_crossval_split``), so folds are those nnU-Net would make.

@@ -20,7 +20,6 @@ training and validation step.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -41,11 +40,6 @@ __all__ = [
     "nnUNetTrainer_SAMFlareSegmenterPartial",
     "nnUNetTrainer_SAMFlareSegmenterPartialDebug",
 ]  # + the training-length variants, defined at the end of the module
-
-#: Set to 1 to skip nnU-Net's final validation after training (``perform_actual_validation``). Pseudo-label rounds
-#: predict every held-out case themselves, and a fold-``all`` validation re-predicts the whole training set, so
-#: ``samflare pseudolabel run`` sets it for the trainings it starts. Checkpoints are written as usual.
-SKIP_FINAL_VALIDATION_ENV = "SAMFLARE_SKIP_FINAL_VALIDATION"
 
 
 def label_ids(dataset_json: Mapping) -> list[int]:
@@ -213,7 +207,7 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
     ``partial_labels`` of the dataset.json (in ``nnUNet_preprocessed``, copied there by nnU-Net's planning) says
     which labels each case annotates; cases without an entry are fully annotated and train exactly as with
     :class:`nnUNetTrainer_SAMFlareSegmenter`. Works with an ignore label too (pseudo-label rounds write one).
-    ``SAMFLARE_SKIP_FINAL_VALIDATION=1`` skips nnU-Net's final validation (see :data:`SKIP_FINAL_VALIDATION_ENV`).
+    ``SAMFLARE_SKIP_FINAL_VALIDATION=1`` skips the final validation, as for every plug-in trainer.
     """
 
     def __init__(
@@ -263,12 +257,6 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
     def validation_step(self, batch: dict) -> dict:
         self._marginal_loss.annotated = self.annotation_mask(batch["keys"])
         return super().validation_step(batch)
-
-    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        if os.environ.get(SKIP_FINAL_VALIDATION_ENV, "").strip().lower() in ("1", "true", "t", "yes"):
-            self.print_to_log_file(f"final validation skipped ({SKIP_FINAL_VALIDATION_ENV} is set)")
-            return
-        super().perform_actual_validation(save_probabilities)
 
 
 class nnUNetTrainer_SAMFlareSegmenterPartialDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenterPartial):

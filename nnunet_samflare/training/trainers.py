@@ -53,6 +53,21 @@ def binary_foreground_dataset_json(dataset_json: dict) -> dict:
     return binary
 
 
+#: Set to 1 to skip the final validation after training (``perform_actual_validation``) in every plug-in trainer.
+#: ``samflare pseudolabel run`` sets it for the trainings it starts: its rounds predict every held-out case
+#: themselves, and a fold-``all`` validation would re-predict the whole training set. Checkpoints are written as
+#: usual; ``nnUNetv2_train ... --val`` validates them later, in a shell without the variable.
+SKIP_FINAL_VALIDATION_ENV = "SAMFLARE_SKIP_FINAL_VALIDATION"
+
+
+def final_validation_skipped(trainer: nnUNetTrainer) -> bool:
+    """Whether :data:`SKIP_FINAL_VALIDATION_ENV` is set; says so in the trainer's log when it is."""
+    if os.environ.get(SKIP_FINAL_VALIDATION_ENV, "").strip().lower() not in ("1", "true", "t", "yes"):
+        return False
+    trainer.print_to_log_file(f"final validation skipped ({SKIP_FINAL_VALIDATION_ENV} is set)")
+    return True
+
+
 class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
     """The training recipe shared by both phases (docs/method.md §6.1, §11.6).
 
@@ -89,6 +104,11 @@ class nnUNetTrainer_SAMFlareBase(nnUNetTrainer):
         # extra heads; the network's ``deep_supervision_strides`` then says where its outputs are.
         arch_kwargs = self.configuration_manager.network_arch_init_kwargs
         self.enable_deep_supervision = bool(arch_kwargs.get("deep_supervision_heads", False))
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        if final_validation_skipped(self):
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def configure_optimizers(self):
         optimizer = build_adamw(self.network.parameters(), self.initial_lr, self.weight_decay, self.device)
@@ -161,9 +181,17 @@ class nnUNetTrainer_SAMFlareSegmenter(nnUNetTrainer_SAMFlareBase):
         if isinstance(filename_or_checkpoint, str):
             self.validation_checkpoint_name = os.path.basename(filename_or_checkpoint)
 
+    def on_train_end(self) -> None:
+        # Training that resumed (--c) from checkpoint_latest/best ends with the final weights in memory, written to
+        # checkpoint_final.pth, and nnU-Net deletes checkpoint_latest.pth: the cascade validation must load those.
+        super().on_train_end()
+        self.validation_checkpoint_name = "checkpoint_final.pth"
+
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
         # nnU-Net validates over whole scans; the cascade never asks that of the segmenter. Validate it in the
         # cascade's region (summary.json) and, where a locator exists, through the cascade (summary_cascade.json).
+        if final_validation_skipped(self):
+            return
         validate_segmenter_in_roi(self, save_probabilities)
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(
