@@ -331,6 +331,12 @@ def test_remove_stale_temporaries_and_json(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [f"{TEMP_PREFIX}abc-case.nii.gz"]
     assert [p.name for p in tmp_path.iterdir()] == ["done.nii.gz"]
+    # only the temporaries of the given outputs: another writer's in the same folder stay
+    for name in ("a.nii.gz", "a_stats.json", "b.nii.gz", "b-c.npz"):
+        (tmp_path / f"{TEMP_PREFIX}0123456789ab-{name}").write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path, {"a.nii.gz", "a_stats.json", "b-c.npz"})
+    assert sorted(p.name[len(TEMP_PREFIX) + 13 :] for p in removed) == ["a.nii.gz", "a_stats.json", "b-c.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{TEMP_PREFIX}0123456789ab-b.nii.gz", "done.nii.gz"]
     write_json_atomic({"a": [1, 2]}, tmp_path / "x.json")
     assert (tmp_path / "x.json").read_text(encoding="utf-8").startswith("{")
 

@@ -274,6 +274,23 @@ def test_same_input_same_labels_bit_for_bit_across_runs_and_continue_prediction(
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_part_resuming_clears_only_the_leftovers_of_its_own_cases(cli, capsys, tmp_path):
+    # The parts of one prediction may run at once in one folder (samflare pseudolabel run's predict_parts.sh).
+    images = tmp_path / "images"
+    for i in range(2):
+        write(scan(seed=i), images / f"case{i}_0000.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    in_flight = out / f"{TEMP_PREFIX}0123456789ab-case0.npz"  # part 0 is writing case0 right now
+    left_behind = out / f"{TEMP_PREFIX}ba9876543210-case1_stats.json"  # a killed part 1 left this
+    in_flight.write_bytes(b"x")
+    left_behind.write_bytes(b"y")
+    args = ["-i", str(images), "-o", str(out), "--continue_prediction", "--num_parts", "2", "--part_id", "1"]
+    assert cli(capsys, *args)[0] == 0
+    assert in_flight.exists() and not left_behind.exists()
+    assert (out / "case1.nii.gz").is_file() and not (out / "case0.nii.gz").exists()
+
+
 def test_locate_validates_every_case_before_loading_the_models(models, tmp_path, capsys, monkeypatch):
     images = tmp_path / "images"
     write(scan(seed=3), images / "a_0000.nii.gz")

@@ -209,7 +209,9 @@ def predict(
         if target.resolve() in inputs:
             raise InputError(target, "output would overwrite the input; choose another output folder")
     if continue_prediction:
-        remove_stale_temporaries(out_dir)
+        # The parts of one prediction may run at once in the same folder: each clears only its own cases' leftovers.
+        own = None if num_parts == 1 else {name for target in targets for name in _case_output_names(target)}
+        remove_stale_temporaries(out_dir, own)
     todo = [
         (case, target)
         for case, target in zip(cases, targets)
@@ -351,15 +353,21 @@ def predict_case_to_files(
     return prediction
 
 
-def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool) -> bool:
+def _case_output_names(target: Path) -> list[str]:
+    """Every file a case may write beside ``target``: label map, probabilities, properties, stats, preview."""
     stem = strip_image_ending(target)
-    wanted = [target]
+    return [target.name, *(stem + suffix for suffix in (".npz", ".pkl", "_stats.json", "_preview.png"))]
+
+
+def _is_done(target: Path, save_probabilities: bool, stats: bool, preview: bool) -> bool:
+    label_map, npz, pkl, stats_json, preview_png = (target.with_name(n) for n in _case_output_names(target))
+    wanted = [label_map]
     if save_probabilities:
-        wanted += [target.with_name(stem + ".npz"), target.with_name(stem + ".pkl")]
+        wanted += [npz, pkl]
     if stats:
-        wanted.append(target.with_name(stem + "_stats.json"))
+        wanted.append(stats_json)
     if preview:
-        wanted.append(target.with_name(stem + "_preview.png"))
+        wanted.append(preview_png)
     return all(p.is_file() for p in wanted)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,11 @@ def temporary_path(path: str | os.PathLike) -> Path:
     SimpleITK uses to pick the file format) is kept: ``out/.samflare-tmp-1a2b3c4d-case.nii.gz``."""
     path = Path(path)
     return path.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
+
+
+def _temporary_target(temporary: Path) -> str:
+    """The output name a :func:`temporary_path` name stands for."""
+    return temporary.name[len(TEMP_PREFIX) :].split("-", 1)[-1]
 
 
 @contextmanager
@@ -128,13 +133,19 @@ def write_json_atomic(obj: Any, path: str | os.PathLike, indent: int = 2) -> Non
             f.write("\n")
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike, targets: Collection[str] | None = None) -> list[Path]:
     """Delete the temporaries a killed run left in ``folder`` (names starting with :data:`TEMP_PREFIX`) and
-    return them. Call it before resuming, never while another run writes to the same folder."""
+    return them: all of them, or only those of the output names in ``targets``. Call it before resuming, never
+    while another run writes the same outputs; runs that share the folder but not their outputs (the parts of
+    one prediction) each give their own ``targets``."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = sorted(p for p in folder.iterdir() if p.name.startswith(TEMP_PREFIX) and p.is_file())
+    stale = sorted(
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(TEMP_PREFIX) and p.is_file() and (targets is None or _temporary_target(p) in targets)
+    )
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
