@@ -465,3 +465,91 @@ def test_run_api_refuses_a_locator_folder_that_is_no_model(tmp_path, monkeypatch
             )
         )
     assert _snapshot(tmp_path) == before
+
+
+# -- found in review (2026-12-07) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ignore_label", [0, -1, 256, 300])
+def test_filter_refuses_an_ignore_label_that_no_uint8_label_map_holds(tmp_path, capsys, ignore_label):
+    write_fold(tmp_path / "voted", "c", np.full((3, 2, 3, 4), 1 / 3, dtype=np.float32))
+    sitk.WriteImage(label_image(np.zeros((2, 3, 4))), str(tmp_path / "voted" / "c.nii.gz"))
+    args = ["pseudolabel", "filter", "-i", str(tmp_path / "voted"), "-o", str(tmp_path / "out")]
+    assert samflare_main([*args, "--confidence", "0.9", "--ignore_label", str(ignore_label)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"samflare pseudolabel: error: --ignore_label must be in 1..255 (label maps are uint8), not {ignore_label}"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_filter_finds_a_label_at_or_above_the_ignore_label_in_any_case_before_writing(tmp_path):
+    for case, top in (("a", 1), ("b", 5)):
+        write_fold(tmp_path / "voted", case, np.full((3, 2, 3, 4), 1 / 3, dtype=np.float32))
+        labels = np.zeros((2, 3, 4))
+        labels[0, 0, 0] = top
+        sitk.WriteImage(label_image(labels), str(tmp_path / "voted" / f"{case}.nii.gz"))
+    with pytest.raises(InputError, match=r"b.nii.gz: label 5 is not below the ignore label 4"):
+        filter_folder(tmp_path / "voted", tmp_path / "out", confidence=0.9, ignore_label=4, postprocess=False)
+    assert not (tmp_path / "out").exists()  # case a was not written first
+    with pytest.raises(InputError, match=r"b.nii.gz: label 5 is not below the ignore label 3"):  # 3 classes
+        filter_folder(tmp_path / "voted", tmp_path / "out", confidence=0.9, postprocess=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_probability_file_is_bad_input_wherever_it_is_corrupt(tmp_path):
+    # Some corruptions of a deflate stream raise zlib.error before the zip's CRC check: those are bad input too.
+    rng = np.random.default_rng(0)
+    probabilities = softmax(rng.normal(size=(3, 8, 16, 16)).astype(np.float32))
+    npz = write_fold(tmp_path / "f", "c", probabilities)
+    original = npz.read_bytes()
+    outcomes = set()
+    for offset in range(60, len(original) - 200, max(1, (len(original) - 260) // 120)):
+        npz.write_bytes(original[:offset] + bytes(16) + original[offset + 16 :])
+        try:
+            reader = ProbabilityReader(npz)
+            for _ in reader.channels():
+                pass
+            outcomes.add("read")  # the corruption hit nothing that is checked (e.g. padding)
+        except InputError as error:
+            assert str(error).startswith(f"{npz}: cannot read probabilities (")
+            outcomes.add("bad input")
+    assert "bad input" in outcomes
+
+
+def test_a_probability_file_without_the_array_is_named_once(tmp_path):
+    npz = tmp_path / "c.npz"
+    np.savez_compressed(npz, softmax=np.zeros((2, 1, 1, 1), dtype=np.float32))
+    with pytest.raises(InputError) as caught:
+        ProbabilityReader(npz)
+    assert str(caught.value).count(str(npz)) == 1
+    assert "no 'probabilities' array (found softmax.npy)" in str(caught.value)
+
+
+def test_torn_checkpoints_are_removed_so_that_a_rerun_resumes_from_an_intact_one(tmp_path):
+    import torch
+
+    from nnunet_samflare.pseudolabel.run import remove_torn_checkpoints
+
+    torch.save({"current_epoch": 3}, tmp_path / "checkpoint_latest.pth")
+    (tmp_path / "checkpoint_best.pth").write_bytes(b"PK\x03\x04 torn by a kill")
+    (tmp_path / "checkpoint_final.pth").write_bytes(b"")
+    removed = remove_torn_checkpoints(tmp_path)
+    assert sorted(p.name for p in removed) == ["checkpoint_best.pth", "checkpoint_final.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pth"]
+
+
+def test_part_commands_name_absolute_folders(tmp_path, monkeypatch):
+    from nnunet_samflare.pseudolabel.run import PseudoLabelRun, RunSettings
+
+    folders = _run_source(tmp_path / "nnunet", monkeypatch)
+    locator = tmp_path / "locator"  # what the checks before any work look at
+    (locator / "fold_all").mkdir(parents=True)
+    for name in ("plans.json", "dataset.json", "fold_all/checkpoint_final.pth"):
+        (locator / name).write_text("{}", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    settings = RunSettings(
+        dataset="Dataset530_PLSource", unlabeled=str(folders["unlabelled"]), locator="locator", work_dir="work"
+    )
+    run = PseudoLabelRun(settings)
+    # predict_parts.sh holds these: a cluster job starts elsewhere
+    assert run.work_dir == tmp_path / "work" and run.locator_dir() == locator

@@ -68,6 +68,17 @@ def check_confidence(confidence: float | None) -> None:
         raise InputError(None, f"--confidence must be in (0, 1], not {confidence}")
 
 
+def check_ignore_label(ignore_label: int | None) -> None:
+    # Label maps are written as uint8, and 0 is background.
+    if ignore_label is not None and not 1 <= ignore_label <= 255:
+        raise InputError(None, f"--ignore_label must be in 1..255 (label maps are uint8), not {ignore_label}")
+
+
+def _check_below_ignore_label(labels: np.ndarray, ignore_label: int, label_map: str | os.PathLike) -> None:
+    if labels.size and int(labels.max()) >= ignore_label:
+        raise InputError(label_map, f"label {int(labels.max())} is not below the ignore label {ignore_label}")
+
+
 def filter_case(
     label_map: str | os.PathLike,
     probabilities: str | os.PathLike | None,
@@ -88,8 +99,8 @@ def filter_case(
         if ignore_label is None:
             ignore_label = reader.num_classes
         winning = winning_probability(reader)
-    if ignore_label is not None and seg.array.size and int(seg.array.max()) >= ignore_label:
-        raise InputError(label_map, f"label {int(seg.array.max())} is not below the ignore label {ignore_label}")
+    if ignore_label is not None:
+        _check_below_ignore_label(seg.array, ignore_label, label_map)
     result, ignored = filter_pseudo_label(seg.array, winning, confidence, ignore_label, postprocess)
     record = {
         "confidence": confidence,
@@ -123,14 +134,19 @@ def filter_folder(
     Everything is checked before anything is written; outputs keep the input's name and geometry, with a
     ``<case>_filter.json`` each."""
     check_confidence(confidence)
+    check_ignore_label(ignore_label)
     input_dir = Path(input_dir)
     files = label_files(input_dir)
     if not files:
         raise InputError(input_dir, "no label maps found (.nii.gz, .nii, .mha or .nrrd)")
-    if confidence is not None:
-        for case, path in files.items():
-            npz = input_dir / f"{case}.npz"
-            _check_fits(ProbabilityReader(npz), read_header(path).shape_zyx, path)
+    for case, path in files.items():
+        limit = ignore_label
+        if confidence is not None:
+            reader = ProbabilityReader(input_dir / f"{case}.npz")
+            _check_fits(reader, read_header(path).shape_zyx, path)
+            limit = reader.num_classes if ignore_label is None else ignore_label
+        if limit is not None:  # needs the voxels, but label maps are small next to their probabilities
+            _check_below_ignore_label(load_label_map(path).array, limit, path)
     output_dir = check_output_folder(output_dir, [input_dir])
     records = {}
     for case, path in files.items():

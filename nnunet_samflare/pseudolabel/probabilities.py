@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -54,7 +55,9 @@ class ProbabilityReader:
                     )
                 with archive.open(_MEMBER) as stream:
                     self.shape, self.fortran_order, self.dtype = _read_npy_header(stream)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        except InputError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as e:
             raise InputError(self.path, f"cannot read probabilities ({' '.join(str(e).split())})") from None
         if len(self.shape) != 4 or self.dtype.kind != "f":
             raise InputError(
@@ -84,7 +87,8 @@ class ProbabilityReader:
                     channel = np.empty(count, dtype=self.dtype)
                     _read_exactly(stream, channel, self.path)
                     yield channel.reshape(self.spatial_shape).astype(np.float32, copy=False)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+            # zlib.error: a corrupt deflate stream that the zip's CRC check did not reach first
             raise InputError(self.path, f"cannot read probabilities ({' '.join(str(e).split())})") from None
 
 

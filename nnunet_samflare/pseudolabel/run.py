@@ -151,7 +151,9 @@ class PseudoLabelRun:
         self.first_id = s.first_id if s.first_id is not None else source_id + 100
         short = self.source.name.split("_", 1)[1] if "_" in self.source.name else self.source.name
         self.dataset_names = [f"Dataset{self.first_id + i:03d}_{short}PL{i}" for i in range(s.rounds + 1)]
-        self.work_dir = Path(s.work_dir) if s.work_dir else self.results / self.source.name / "samflare_pseudolabel"
+        # Absolute: the part commands of predict_parts.sh must work from any directory (cluster jobs).
+        work_dir = Path(s.work_dir) if s.work_dir else self.results / self.source.name / "samflare_pseudolabel"
+        self.work_dir = work_dir.resolve()
         for i, name in enumerate(self.dataset_names):
             ds.check_dataset_id_free(self.first_id + i, name, self.work_dir)
         if s.locator is not None:
@@ -201,7 +203,7 @@ class PseudoLabelRun:
 
     def locator_dir(self) -> Path:
         if self.settings.locator is not None:
-            return Path(self.settings.locator)
+            return Path(self.settings.locator).resolve()
         return self.model_dir(0, self.settings.locator_trainer, LOCATOR_CONFIGURATION)
 
     def training_cases(self, r: int) -> list[str]:
@@ -359,11 +361,10 @@ class PseudoLabelRun:
     ) -> None:
         out = self.model_dir(labels_round, trainer, configuration) / f"fold_{fold}"
         final = out / "checkpoint_final.pth"
+        remove_torn_checkpoints(out)
         if final.is_file():
-            if _checkpoint_loads(final):
-                _log(f"  {final} exists: training had finished")
-                return
-            final.unlink()  # torn by a kill while nnU-Net wrote it
+            _log(f"  {final} exists: training had finished")
+            return
         command = [
             _nnunet_command("nnUNetv2_train"),
             str(self.first_id + labels_round),
@@ -639,6 +640,20 @@ def _check_model_folder(folder: Path) -> None:
         raise InputError(folder, "not a trained nnU-Net model folder (plans.json and dataset.json needed)")
     if not any(folder.glob("fold_*/checkpoint_final.pth")):
         raise InputError(folder, "no fold_*/checkpoint_final.pth in the locator model folder")
+
+
+def remove_torn_checkpoints(fold_dir: Path) -> list[Path]:
+    """Delete the checkpoints of ``fold_dir`` that a kill tore while nnU-Net wrote them (it saves in place) and
+    return them: a torn final one would count as a finished training, a torn latest or best one would make every
+    ``--c`` re-run fail. nnU-Net's ``--c`` then takes the next one it finds (latest, best) or starts over."""
+    torn = [
+        path
+        for path in (fold_dir / f"checkpoint_{which}.pth" for which in ("final", "latest", "best"))
+        if path.is_file() and not _checkpoint_loads(path)
+    ]
+    for path in torn:
+        path.unlink()
+    return torn
 
 
 def _checkpoint_loads(path: Path) -> bool:
