@@ -259,3 +259,31 @@ def test_plot_of_partial_result(toy, tmp_path):
     ref, pred = toy
     path = plot_metrics(evaluate_folders(ref, pred, labels=LABELS), tmp_path / "p.png")
     assert path.stat().st_size > 10_000
+
+
+def test_references_and_predictions_with_upper_case_endings_are_matched(toy, tmp_path):
+    ref, pred = toy
+    upper_ref, upper_pred = tmp_path / "REF", tmp_path / "PRED"
+    for source, target in ((ref, upper_ref), (pred, upper_pred)):
+        target.mkdir()
+        for path in source.glob("*.nii.gz"):
+            shutil.copy(path, target / path.name.replace(".nii.gz", ".NII.GZ"))
+    lower = evaluate_folders(ref, pred, labels=(1, 5))
+    upper = evaluate_folders(upper_ref, upper_pred, labels=(1, 5))
+    assert upper["cases"] == lower["cases"] and upper["summary"]["settings"]["missing_predictions"] == []
+
+
+@pytest.mark.parametrize("what", ["-o", "--plot"])
+def test_cli_refuses_a_wrong_output_name_before_scoring_and_overwrites_nothing(toy, tmp_path, capsys, what):
+    ref, pred = toy
+    (prediction,) = sorted(pred.glob("A.nii.gz"))
+    before = prediction.read_bytes()
+    args = ["evaluate", str(ref), str(pred), "-o", str(tmp_path / "m.json")]
+    if what == "-o":
+        args[-1] = str(prediction)  # a label map named as the metrics file
+    else:
+        args += ["--plot", str(tmp_path / "plot.txt")]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("samflare evaluate: error: ")
+    assert prediction.read_bytes() == before and not (tmp_path / "m.json").exists()

@@ -16,7 +16,7 @@ import torch
 from tiny_models import make_tiny_models
 
 from nnunet_samflare.cli import main
-from nnunet_samflare.errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY
+from nnunet_samflare.errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, InputError
 from nnunet_samflare.inference import api
 from nnunet_samflare.io import TEMP_PREFIX, atomic_output
 
@@ -324,3 +324,71 @@ def test_a_scan_thinner_than_half_a_model_voxel_is_refused(models):
         api.predict(
             scan(shape_zyx=(1, 6, 6), spacing=(4.0, 4.0, 0.3)), locator=models[0], segmenter=models[1], device="cpu"
         )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Found in review (2026-12-07)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--margin_mm", "-5", "must be a finite number of mm >= 0, not -5"),
+        ("--margin_mm", "nan", "must be a finite number of mm >= 0, not nan"),
+        ("--step_size", "0", "must be in (0, 1], a fraction of the patch, not 0"),
+        ("--step_size", "1.5", "must be in (0, 1], a fraction of the patch, not 1.5"),
+        ("--tile_batch", "0", "must be at least 1, not 0"),
+    ],
+)
+def test_an_out_of_range_setting_is_refused_in_one_line_before_any_work(
+    cli, capsys, tmp_path, monkeypatch, flag, value, message
+):
+    monkeypatch.setattr(api, "build_predictor", never)
+    write(scan(), tmp_path / "images" / "a_0000.nii.gz")
+    with pytest.raises(SystemExit) as exit_:
+        cli(capsys, "-i", str(tmp_path / "images"), "-o", str(tmp_path / "out"), flag, value)
+    assert exit_.value.code == EXIT_BAD_INPUT
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.endswith(f"error: argument {flag}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_renamed_model_folders_predict(models, capsys, tmp_path):
+    locator, segmenter = tmp_path / "my_locator", tmp_path / "my_segmenter"
+    shutil.copytree(models[0], locator)
+    shutil.copytree(models[1], segmenter)
+    write(scan(seed=5), tmp_path / "images" / "a_0000.nii.gz")
+    args = ["predict", "-i", str(tmp_path / "images"), "-o", str(tmp_path / "out"), "-device", "cpu"]
+    assert main([*args, "--locator", str(locator), "--segmenter", str(segmenter)]) == 0
+    assert (tmp_path / "out" / "a.nii.gz").is_file()
+
+
+def test_a_torn_checkpoint_is_bad_input_naming_the_file(models, capsys, tmp_path):
+    segmenter = tmp_path / models[1].name
+    shutil.copytree(models[1], segmenter)
+    (checkpoint,) = segmenter.glob("fold_*/checkpoint_final.pth")
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    write(scan(seed=6), tmp_path / "images" / "a_0000.nii.gz")
+    args = ["predict", "-i", str(tmp_path / "images"), "-o", str(tmp_path / "out"), "-device", "cpu"]
+    assert main([*args, "--locator", str(models[0]), "--segmenter", str(segmenter)]) == EXIT_BAD_INPUT
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"samflare predict: error: {checkpoint}: not a readable PyTorch checkpoint (")
+
+
+def test_a_scan_exactly_half_a_locator_voxel_thick_is_too_thin(models):
+    from nnunet_samflare.inference.validation import CascadeGrids
+    from nnunet_samflare.io import Geometry
+
+    grids = CascadeGrids.from_model_folders(*models)
+    t = grids.locator_spacing_zyx[0]
+    half = Geometry(3, (16, 16, 1), (3.0, 3.0, t / 2), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with pytest.raises(InputError, match="too thin for the locator"):
+        grids.check_extent(half, "thin.nii.gz")
+    just_more = Geometry(3, (16, 16, 1), (3.0, 3.0, t * 0.51), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    grids.check_extent(just_more, "thin.nii.gz")  # one locator voxel
+
+
+def test_the_python_api_refuses_a_folder_as_the_output_of_an_in_memory_image(models, monkeypatch, tmp_path):
+    monkeypatch.setattr(api, "build_predictor", never)
+    with pytest.raises(InputError, match="an in-memory image is written to one file ending with .nii.gz"):
+        api.predict(scan(), tmp_path / "out_folder", locator=models[0], segmenter=models[1], device="cpu")

@@ -1,9 +1,31 @@
 """Arguments shared by the sub-commands that load the two models (``predict``, ``locate``, ``profile``)."""
 
 import argparse
+import math
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.training.names import DEFAULT_PLANS_NAME, LOCATOR_TRAINER, SEGMENTER_TRAINER
+
+
+def _margin_mm(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of mm >= 0, not {text}")
+    return value
+
+
+def _step_size(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # nnU-Net's sliding window asserts this, after the models are loaded
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], a fraction of the patch, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {text}")
+    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = True) -> None:
@@ -22,10 +44,10 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
         "-device", dest="device", choices=("cuda", "cpu", "mps"), help="default: cuda if available, else mps, else cpu"
     )
     s = p.add_argument_group("inference settings (defaults follow the paper: docs/method.md §11.5)")
-    s.add_argument("--margin_mm", type=float, help="margin around the located box, mm (default: 10)")
+    s.add_argument("--margin_mm", type=_margin_mm, help="margin around the located box, mm (default: 10)")
     if not segmenter_settings:
         return
-    s.add_argument("--step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    s.add_argument("--step_size", type=_step_size, default=0.5, help="sliding-window step as a fraction of the patch")
     s.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (nnU-Net's; off by default)")
     s.add_argument(
         "--disable_tta",
@@ -33,7 +55,9 @@ def add_model_arguments(p: argparse.ArgumentParser, segmenter_settings: bool = T
         help="no mirroring TTA: already the default, accepted so nnUNetv2_predict command lines work",
     )
     s.add_argument("--gaussian", action="store_true", help="nnU-Net's Gaussian tile blending instead of uniform")
-    s.add_argument("--tile_batch", type=int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)")
+    s.add_argument(
+        "--tile_batch", type=_positive_int, help="segmenter tiles per forward pass (default: 2 on cuda, else 1)"
+    )
     s.add_argument(
         "--fast",
         action="store_true",

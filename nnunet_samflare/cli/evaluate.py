@@ -65,9 +65,20 @@ def run(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
+    from nnunet_samflare.errors import InputError
     from nnunet_samflare.evaluation.evaluate import evaluate_folders, format_table, parse_label_spec
+    from nnunet_samflare.io import check_output_folder
 
     output = Path(args.output) if args.output else Path(args.pred_dir) / "metrics.json"
+    # Before the scoring: a wrong name must neither cost the scoring nor overwrite a label map.
+    if output.suffix.lower() != ".json":
+        raise InputError(output, "-o names the metrics file, which must end with .json")
+    if args.plot:
+        from nnunet_samflare.evaluation.plots import PLOT_FORMATS
+
+        if Path(args.plot).suffix.lower().lstrip(".") not in PLOT_FORMATS:
+            raise InputError(args.plot, f"--plot must end with one of .{', .'.join(PLOT_FORMATS)}")
+        check_output_folder(Path(args.plot).parent)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = evaluate_folders(

@@ -266,7 +266,7 @@ def evaluate_folders(
     if not references:
         raise InputError(ref_dir, f"no label maps ({', '.join(LABEL_FILE_ENDINGS)})")
     # Only files in the references' own format(s) are predictions: samflare predict also writes *_preview.png.
-    reference_endings = {path.name[len(case) :] for case, path in references.items()}
+    reference_endings = {path.name[len(case) :].lower() for case, path in references.items()}
     predictions = find_label_files(pred_dir, tuple(e for e in LABEL_FILE_ENDINGS if e in reference_endings))
     missing = [c for c in references if c not in predictions]
     if missing and on_missing == "error":

@@ -10,7 +10,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from nnunet_samflare.io import atomic_output
 from nnunet_samflare.labels import FLARE_LABELS
+
+#: File endings the Agg canvas writes (matplotlib's ``FigureCanvasAgg.get_supported_filetypes()`` less the
+#: PostScript ones), checked before any scoring.
+PLOT_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg", "tif", "tiff", "webp")
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -29,7 +34,8 @@ def _new_figure(width: float, height: float, rows: int = 1):
 def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with atomic_output(path) as tmp:  # the temporary keeps the name's ending, which picks the format
+        figure.savefig(tmp, dpi=120)
     return path
 
 

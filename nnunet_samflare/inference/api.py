@@ -29,6 +29,7 @@ from nnunet_samflare.inference.reference_pipeline import ReferencePipeline
 from nnunet_samflare.inference.reports import organ_stats, save_preview_png, save_stats_json
 from nnunet_samflare.inference.validation import CascadeGrids, validate_case, validate_loaded
 from nnunet_samflare.io import (
+    IMAGE_ENDINGS,
     Case,
     InputError,
     atomic_output,
@@ -186,6 +187,9 @@ def predict(
             check_num_channels(Case(IN_MEMORY, (Path(IN_MEMORY),), IN_MEMORY), grids.num_input_channels)
         if output is not None:
             output = Path(output)
+            if image_ending(output) is None:
+                endings = ", ".join(IMAGE_ENDINGS)
+                raise InputError(output, f"an in-memory image is written to one file ending with {endings}")
             check_output_folder(output.parent)
         data, properties = read_case(input, IN_MEMORY)
         predictor = predictor or build_predictor(**predictor_options)

@@ -32,6 +32,7 @@ import contextlib
 import io
 import math
 import os
+import pickle
 import time
 import warnings
 from collections.abc import Sequence
@@ -165,6 +166,13 @@ def load_predictor(
     return predictor
 
 
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a torn or foreign file
+        raise InputError(path, f"not a readable PyTorch checkpoint ({' '.join(str(e).split())[:200]})") from None
+
+
 def initialize_from_model_folder(
     predictor: nnUNetPredictor, folder: Path, folds: Sequence[int | str], checkpoint_name: str
 ) -> None:
@@ -183,10 +191,7 @@ def initialize_from_model_folder(
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    checkpoints = [
-        torch.load(folder / f"fold_{fold}" / checkpoint_name, map_location="cpu", weights_only=False, mmap=True)
-        for fold in folds
-    ]
+    checkpoints = [_load_checkpoint(folder / f"fold_{fold}" / checkpoint_name) for fold in folds]
     trainer_name = checkpoints[0]["trainer_name"]
     if trainer_name not in plugin_trainer_names():
         del checkpoints

@@ -26,6 +26,7 @@ import SimpleITK as sitk
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.io import Case, Geometry, Grid, check_geometry, check_grids_fit, check_num_channels, read_header
+from nnunet_samflare.training.names import LOCATOR_CONFIGURATION, SEGMENTER_CONFIGURATION
 from nnunet_samflare.training.plans import transposed
 
 if TYPE_CHECKING:
@@ -50,8 +51,8 @@ class CascadeGrids:
     @classmethod
     def from_model_folders(cls, locator: str | os.PathLike, segmenter: str | os.PathLike) -> CascadeGrids:
         """From the model folders' plans.json and dataset.json (cheap: no checkpoint is loaded)."""
-        loc = _configuration_of(Path(locator))
-        seg = _configuration_of(Path(segmenter))
+        loc = _configuration_of(Path(locator), LOCATOR_CONFIGURATION)
+        seg = _configuration_of(Path(segmenter), SEGMENTER_CONFIGURATION)
         return cls(
             locator_spacing_zyx=loc[0],
             segmenter_spacing_zyx=seg[0],
@@ -78,15 +79,15 @@ class CascadeGrids:
         return cls(loc[0], seg[0], loc[1], seg[1], loc[2], seg[2], predictor.num_input_channels)
 
     def check_extent(self, geometry: Geometry, name: str | os.PathLike) -> None:
-        """Refuse a scan thinner than half a voxel of a model's grid on some axis: nnU-Net's resampling would
+        """Refuse a scan at most half a voxel of a model's grid thick on some axis: nnU-Net's resampling would
         give that axis no voxel at all."""
         shape, spacing = geometry.shape_zyx, geometry.spacing_zyx
         for model, target in (("locator", self.locator_spacing_zyx), ("segmenter", self.segmenter_spacing_zyx)):
             for axis, n, s, t in zip("zyx", shape, spacing, target):
-                if n * s < 0.5 * t:
+                if round(s / t * n) == 0:  # nnU-Net's compute_new_shape: round half to even, so 0.5 gives 0 too
                     raise InputError(
                         name,
-                        f"too thin for the {model}: {n * s:g} mm along {axis} ({n} voxel(s) of {s:g} mm), less than "
+                        f"too thin for the {model}: {n * s:g} mm along {axis} ({n} voxel(s) of {s:g} mm), at most "
                         f"half a voxel of its {t:g} mm grid",
                     )
 
@@ -122,8 +123,10 @@ def _padded(shape: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
     return tuple(max(n, p) for n, p in zip(shape, patch))  # nnU-Net pads a grid smaller than a patch
 
 
-def _configuration_of(folder: Path) -> tuple[tuple[float, ...], tuple[int, ...], int, int]:
-    """(spacing zyx, patch zyx, output heads, input channels) of a model folder ``<trainer>__<plans>__<config>``."""
+def _configuration_of(folder: Path, default: str) -> tuple[tuple[float, ...], tuple[int, ...], int, int]:
+    """(spacing zyx, patch zyx, output heads, input channels) of a model folder: its configuration is the one its
+    name ends with (``<trainer>__<plans>__<config>``), or ``default`` for a folder the user renamed (the model
+    loader reads it from the checkpoint, which this cheap check does not open)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     try:
@@ -132,7 +135,14 @@ def _configuration_of(folder: Path) -> tuple[tuple[float, ...], tuple[int, ...],
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(folder, f"not a usable model folder ({e})") from None
     manager = PlansManager(plans)
-    configuration = manager.get_configuration(folder.name.rsplit("__", 1)[-1])
+    named = folder.name.rsplit("__", 1)[-1]
+    available = plans.get("configurations", {})
+    name = named if named in available else default
+    if name not in available:
+        raise InputError(
+            folder / "plans.json", f"no configuration '{named}' nor '{default}' (it has {', '.join(available)})"
+        )
+    configuration = manager.get_configuration(name)
     backward = manager.transpose_backward
     return (
         tuple(float(s) for s in transposed(configuration.spacing, backward)),
