@@ -391,6 +391,12 @@ def _run_source(root: Path, monkeypatch, partial_labels: dict | None = None) -> 
     return {"raw": raw, "unlabelled": unlabelled}
 
 
+def _shift_origin(path: Path, mm: float) -> None:
+    image = sitk.ReadImage(str(path))
+    image.SetOrigin(tuple(o + mm for o in image.GetOrigin()))
+    sitk.WriteImage(image, str(path))
+
+
 def _snapshot(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
 
@@ -409,6 +415,7 @@ def _snapshot(root: Path) -> dict[str, int]:
         ),
         ("2d_unlabelled", "UNL_0002_0000.nii.gz: 2-D image"),
         ("work_in_unlabelled", "output folder is inside the input folder"),
+        ("shifted_partial_label", "labelsTr/TSAO_0001.nii.gz: origin ("),
     ],
 )
 def test_run_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, case, message):
@@ -428,6 +435,8 @@ def test_run_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypa
         sitk.WriteImage(sitk.Image([20, 30], sitk.sitkInt16), str(unlabelled / "UNL_0002_0000.nii.gz"))
     elif case == "work_in_unlabelled":
         work = unlabelled / "work"
+    elif case == "shifted_partial_label":  # half a millimetre off its image: found now, not in round 1's merge
+        _shift_origin(folders["raw"] / "labelsTr" / "TSAO_0001.nii.gz", 0.5)
     before = _snapshot(tmp_path)
     code = samflare_main(
         [
@@ -553,3 +562,16 @@ def test_part_commands_name_absolute_folders(tmp_path, monkeypatch):
     run = PseudoLabelRun(settings)
     # predict_parts.sh holds these: a cluster job starts elsewhere
     assert run.work_dir == tmp_path / "work" and run.locator_dir() == locator
+
+
+def test_merge_finds_a_pseudo_label_off_its_partial_ground_truth_before_writing(tmp_path, capsys):
+    shutil.copytree(dataset("partial") / "labelsTr", tmp_path / "gt")
+    shutil.copytree(dataset("partial") / "labelsTr", tmp_path / "pseudo")
+    shutil.copy(dataset("partial") / "dataset.json", tmp_path / "dataset.json")
+    (last,) = sorted((tmp_path / "pseudo").glob("TSAO_0001.nii.gz"))
+    _shift_origin(last, 0.5)
+    args = ["pseudolabel", "merge", "--gt", str(tmp_path / "gt"), "--pseudo", str(tmp_path / "pseudo")]
+    assert samflare_main([*args, "-o", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{last}: origin (" in line and "differs from" in line
+    assert not (tmp_path / "out").exists()  # DCMQI_0001, merged first, was not written either

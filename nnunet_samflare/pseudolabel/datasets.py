@@ -21,6 +21,7 @@ from typing import Any
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.inference.validation import validate_case
 from nnunet_samflare.io import Case, check_num_channels, find_cases, image_ending, read_header, write_json_atomic
+from nnunet_samflare.pseudolabel.labelmaps import check_same_grid
 from nnunet_samflare.training.partial_labels import annotated_labels_per_case, label_ids
 
 #: The key of dataset.json under which a run records what it made (and recognises its own datasets by).
@@ -114,7 +115,7 @@ def load_raw_dataset(dataset: str | int) -> RawDataset:
         raise InputError(folder, f"not an nnU-Net raw dataset ({' '.join(str(e).split())})") from None
     if not files:
         raise InputError(folder / "imagesTr", "no training images")
-    images, labels = {}, {}
+    images, labels, geometries = {}, {}, {}
     for case, entry in sorted(files.items()):
         images[case] = tuple(Path(f) for f in entry["images"])
         labels[case] = Path(entry["label"])
@@ -122,11 +123,17 @@ def load_raw_dataset(dataset: str | int) -> RawDataset:
             if not f.is_file():
                 raise InputError(f, f"missing file of training case {case}")
         # headers only, now: a broken scan or label map would otherwise surface in a round's merge, hours later
-        geometry = validate_case(Case(case, images[case], case, channels=tuple(range(len(images[case])))))
+        geometries[case] = validate_case(Case(case, images[case], case, channels=tuple(range(len(images[case])))))
         label_size = read_header(labels[case]).size
-        if label_size != geometry.size:
-            raise InputError(labels[case], f"label map size {label_size} differs from its image's {geometry.size}")
+        if label_size != geometries[case].size:
+            raise InputError(
+                labels[case], f"label map size {label_size} differs from its image's {geometries[case].size}"
+            )
     annotated = annotated_labels_per_case(dataset_json, str(dataset_json_path), list(labels))
+    for case in annotated:
+        # The merge lays a partial case's ground truth onto its pseudo label, which has the image's grid; nnU-Net
+        # itself only warns about an origin or direction that differs, so fully labelled cases are left to it.
+        check_same_grid(geometries[case], read_header(labels[case]), labels[case], images[case][0])
     return RawDataset(name, folder, dataset_json, images, labels, annotated)
 
 

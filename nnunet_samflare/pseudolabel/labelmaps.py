@@ -13,6 +13,7 @@ import SimpleITK as sitk
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.io import (
+    Geometry,
     list_image_files,
     read_label_map,
     strip_image_ending,
@@ -48,15 +49,20 @@ def save_label_map(array: np.ndarray, like: sitk.Image, path: str | os.PathLike)
 
 
 def check_same_grid(
-    reference: sitk.Image, other: sitk.Image, other_name: str | os.PathLike, reference_name: str | os.PathLike
+    reference: sitk.Image | Geometry,
+    other: sitk.Image | Geometry,
+    other_name: str | os.PathLike,
+    reference_name: str | os.PathLike,
 ) -> None:
-    """Refuse ``other`` unless it has the voxel grid and world placement of ``reference``."""
-    if other.GetSize() != reference.GetSize():
-        raise InputError(other_name, f"size {other.GetSize()} differs from {reference_name} {reference.GetSize()}")
+    """Refuse ``other`` unless it has the voxel grid and world placement of ``reference`` (images, or headers from
+    :func:`~nnunet_samflare.io.read_header` to check before any voxel is read)."""
+    reference, other = (g if isinstance(g, Geometry) else Geometry.of(g) for g in (reference, other))
+    if other.size != reference.size:
+        raise InputError(other_name, f"size {other.size} differs from {reference_name} {reference.size}")
     for what, a, b, tolerance in (
-        ("spacing", other.GetSpacing(), reference.GetSpacing(), 1e-5),
-        ("origin", other.GetOrigin(), reference.GetOrigin(), 1e-3),
-        ("direction", other.GetDirection(), reference.GetDirection(), 1e-5),
+        ("spacing", other.spacing, reference.spacing, 1e-5),
+        ("origin", other.origin, reference.origin, 1e-3),
+        ("direction", other.direction, reference.direction, 1e-5),
     ):
         if not np.allclose(a, b, atol=tolerance, rtol=0):
             raise InputError(

@@ -21,7 +21,7 @@ import numpy as np
 
 from nnunet_samflare.errors import InputError
 from nnunet_samflare.evaluation.evaluate import find_dataset_json
-from nnunet_samflare.io import check_output_folder, image_ending, strip_image_ending
+from nnunet_samflare.io import check_output_folder, image_ending, read_header, strip_image_ending
 from nnunet_samflare.pseudolabel.datasets import load_dataset_json
 from nnunet_samflare.pseudolabel.labelmaps import (
     check_same_grid,
@@ -118,10 +118,12 @@ def merge_folders(
     annotated = {}
     if dataset_file is not None:
         annotated = annotated_labels_per_case(load_dataset_json(dataset_file), str(dataset_file), list(gt_files))
-    check_output_folder(output_dir, [ground_truth_dir, pseudo_dir])
     for case, path in pseudo_files.items():
         if case in annotated and case not in gt_files:
             raise InputError(path, f"case {case} is partially labelled but has no ground truth in {ground_truth_dir}")
+        if case in annotated:  # headers only; merge_case reads the voxels
+            check_same_grid(read_header(gt_files[case]), read_header(path), path, gt_files[case])
+    check_output_folder(output_dir, [ground_truth_dir, pseudo_dir])
     records = {}
     for case, path in pseudo_files.items():
         target = output_dir / f"{case}{image_ending(gt_files.get(case, path))}"
