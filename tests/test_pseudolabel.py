@@ -575,3 +575,25 @@ def test_merge_finds_a_pseudo_label_off_its_partial_ground_truth_before_writing(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"{last}: origin (" in line and "differs from" in line
     assert not (tmp_path / "out").exists()  # DCMQI_0001, merged first, was not written either
+
+
+def test_every_round_holds_out_the_same_labelled_cases_per_fold(tmp_path, monkeypatch):
+    # --warm-start starts round r's fold k from round r-1's fold k: its held-out cases must be the same ones
+    from nnunet_samflare.pseudolabel.run import PseudoLabelRun, RunSettings
+
+    folders = _run_source(tmp_path / "nnunet", monkeypatch)
+    run = PseudoLabelRun(
+        RunSettings(
+            dataset="Dataset530_PLSource",
+            unlabeled=str(folders["unlabelled"]),
+            work_dir=str(tmp_path / "work"),
+            rounds=3,
+        )
+    )
+    first = run.splits(1)
+    assert sorted(c for s in first for c in s["val"]) == sorted(run.source.labels)
+    for r in (2, 3):
+        splits = run.splits(r)
+        assert [s["val"] for s in splits] == [s["val"] for s in first]
+        for split, before in zip(splits, first):
+            assert split["train"] == sorted([*before["train"], *run.unlabelled])

@@ -4,7 +4,8 @@ resumable command (docs/method.md §6.4, §11.8).
 Round r (1..R) trains on dataset D_r (D_1: the source's labelled cases, links to its files; D_r: the labels made
 by round r-1, unlabelled scans included) and makes D_{r+1}:
 
-1. ``preprocess`` — D_r's ``splits_final.json`` (``--folds`` folds, nnU-Net's seeded split) and stock
+1. ``preprocess`` — D_r's ``splits_final.json`` (``--folds`` folds: nnU-Net's seeded split of the labelled cases,
+   the same in every round, the unlabelled scans in every fold's training set from round 2 on) and stock
    ``nnUNetv2_preprocess`` of ``3d_segmenter``;
 2. ``train.<k>`` — stock ``nnUNetv2_train`` of the segmenter per fold (``--warm-start``: from round r-1's fold-k
    weights through ``-pretrained_weights``);
@@ -211,10 +212,18 @@ class PseudoLabelRun:
         return sorted([*self.source.labels, *(self.unlabelled if r > 1 else [])])
 
     def splits(self, r: int) -> list[dict[str, list[str]]]:
+        """nnU-Net's seeded split of the labelled cases, the same in every round, so that fold k never trains on
+        what fold k held out in another round (``--warm-start`` starts fold k from the previous round's fold k).
+        From round 2 on every fold also trains on all unlabelled scans: every fold predicts them anyway, and their
+        labels are the previous round's pseudo labels, not a reference to validate on."""
         from nnunetv2.utilities.crossval_split import generate_crossval_split
 
-        splits = generate_crossval_split(self.training_cases(r), seed=SPLIT_SEED, n_splits=self.settings.folds)
-        return [{"train": [str(c) for c in s["train"]], "val": [str(c) for c in s["val"]]} for s in splits]
+        labelled = generate_crossval_split(sorted(self.source.labels), seed=SPLIT_SEED, n_splits=self.settings.folds)
+        unlabelled = sorted(self.unlabelled) if r > 1 else []
+        return [
+            {"train": sorted([*map(str, s["train"]), *unlabelled]), "val": [str(c) for c in s["val"]]}
+            for s in labelled
+        ]
 
     def pool_by_fold(self, r: int) -> dict[int, list[str]]:
         """Which cases fold model k predicts in round r: its held-out partially labelled cases and every
