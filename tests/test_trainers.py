@@ -328,3 +328,35 @@ def test_every_plugin_trainer_skips_its_final_validation_when_asked(nnunet_env, 
     for trainer in built:
         trainer.perform_actual_validation()
     assert validated == [type(trainer) for trainer in built]
+
+
+def test_partial_trainer_pseudo_dice_counts_a_class_only_in_the_cases_that_annotate_it(nnunet_env):
+    from nnunet_samflare.training.partial_labels import nnUNetTrainer_SAMFlareSegmenterPartial
+
+    plans, dataset_json = nnunet_env
+    dataset_json = {**dataset_json, "partial_labels": {"TSEX_0001": [1]}}  # annotates the liver only
+    trainer = make_trainer(nnUNetTrainer_SAMFlareSegmenterPartial, "3d_segmenter", plans, dataset_json)
+    trainer.initialize()
+    heads = trainer.label_manager.num_segmentation_heads
+    truth = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    truth[..., :4] = 1  # liver
+    truth[:, :, :2, :2, 6:] = 2  # right kidney, 8 voxels per case
+    predicted = truth.clone()
+    predicted[1, 0, 7, 7, 7] = 2  # one wrong kidney voxel in the fully annotated case
+    target = truth.clone()
+    target[0][target[0] == 2] = 0  # the liver-only case's label map: its kidney is background there
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((2, heads, 8, 8, 8), -10.0).scatter_(1, predicted, 10.0)
+
+    trainer.network = FixedLogits()
+    trainer.enable_deep_supervision = False
+    step = trainer.validation_step(
+        {"data": torch.zeros(2, 1, 8, 8, 8), "target": target.float(), "keys": ["TSEX_0001", "TSEX_0002"]}
+    )
+    liver, kidney = 0, 1  # nnU-Net's counts leave out the background
+    assert (step["tp_hard"][liver], step["fp_hard"][liver], step["fn_hard"][liver]) == (512, 0, 0)
+    # kidney: counted in TSEX_0002 only, where the extra voxel is a false positive; TSEX_0001's 8 correct voxels
+    # are neither true nor false positives
+    assert (step["tp_hard"][kidney], step["fp_hard"][kidney], step["fn_hard"][kidney]) == (8, 1, 0)

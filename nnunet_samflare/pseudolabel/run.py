@@ -221,8 +221,7 @@ class PseudoLabelRun:
         labelled = generate_crossval_split(sorted(self.source.labels), seed=SPLIT_SEED, n_splits=self.settings.folds)
         unlabelled = sorted(self.unlabelled) if r > 1 else []
         return [
-            {"train": sorted([*map(str, s["train"]), *unlabelled]), "val": [str(c) for c in s["val"]]}
-            for s in labelled
+            {"train": sorted([*map(str, s["train"]), *unlabelled]), "val": [str(c) for c in s["val"]]} for s in labelled
         ]
 
     def pool_by_fold(self, r: int) -> dict[int, list[str]]:

@@ -255,8 +255,31 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
         return super().train_step(batch)
 
     def validation_step(self, batch: dict) -> dict:
-        self._marginal_loss.annotated = self.annotation_mask(batch["keys"])
-        return super().validation_step(batch)
+        annotated = self.annotation_mask(batch["keys"])
+        self._marginal_loss.annotated = annotated
+        # nnU-Net's online pseudo Dice (which picks checkpoint_best) counts every voxel predicted as class c against
+        # the label map; where a case does not annotate c, its c voxels are background there, so a correct c would
+        # count as a false positive. Take those voxels out: c counts only in the cases that annotate it.
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        reference = target[:, 0].to(self.device, copy=True)  # nnU-Net's step overwrites ignored voxels with 0
+        counted = None
+        if self.label_manager.has_ignore_label:
+            counted = reference != self.label_manager.ignore_label
+        outputs = []
+        hook = self.network.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            result = super().validation_step(batch)
+        finally:
+            hook.remove()
+        output = outputs[0][0] if isinstance(outputs[0], (list, tuple)) else outputs[0]
+        predicted = output.argmax(1)
+        for case, row in enumerate(annotated):
+            for label in (~row).nonzero().flatten().tolist():
+                voxels = (predicted[case] == label) & (reference[case] != label)  # nnU-Net's false positives of c
+                if counted is not None:
+                    voxels &= counted[case]
+                result["fp_hard"][label - 1] -= int(voxels.sum())
+        return result
 
 
 class nnUNetTrainer_SAMFlareSegmenterPartialDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenterPartial):
