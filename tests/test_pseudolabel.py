@@ -597,3 +597,22 @@ def test_every_round_holds_out_the_same_labelled_cases_per_fold(tmp_path, monkey
         assert [s["val"] for s in splits] == [s["val"] for s in first]
         for split, before in zip(splits, first):
             assert split["train"] == sorted([*before["train"], *run.unlabelled])
+
+
+@pytest.mark.parametrize("root", ["raw", "preprocessed", "results"])
+def test_a_run_without_state_refuses_round_datasets_an_earlier_run_left(tmp_path, monkeypatch, root):
+    # The work folder (and its state.json) was deleted, the round datasets and models were not: a new run with
+    # other settings would otherwise skip their steps and reuse them.
+    from nnunet_samflare.pseudolabel.run import PseudoLabelRun, RunSettings
+
+    folders = _run_source(tmp_path / "nnunet", monkeypatch)
+    left = tmp_path / "nnunet" / root / "Dataset631_PLSourcePL1"
+    left.mkdir(parents=True)
+    before = _snapshot(tmp_path)
+    settings = RunSettings(
+        dataset="Dataset530_PLSource", unlabeled=str(folders["unlabelled"]), work_dir=str(tmp_path / "work")
+    )
+    with pytest.raises(InputError, match="left by an earlier run whose work folder .* has no state.json") as caught:
+        PseudoLabelRun(settings)
+    assert caught.value.path == str(left) or str(caught.value).startswith(str(left))
+    assert _snapshot(tmp_path) == before

@@ -160,7 +160,8 @@ class PseudoLabelRun:
         if s.locator is not None:
             _check_model_folder(Path(s.locator))
         self.ignore_label = ds.ignore_label_of(self.source.dataset_json) if s.confidence is not None else None
-        RunState.peek(self.work_dir, self.identity())
+        if RunState.peek(self.work_dir, self.identity()) is None:
+            self._refuse_leftovers()
         if s.device is None:
             import torch
 
@@ -183,6 +184,19 @@ class PseudoLabelRun:
     @property
     def final_segmenter_trainer(self) -> str:
         return self.settings.final_segmenter_trainer or self.settings.segmenter_trainer
+
+    def _refuse_leftovers(self) -> None:
+        # Without a state file nothing says which settings made a round dataset, its models or its labels, and the
+        # steps skip what exists: after the work folder was deleted, a run with other settings (another --folds,
+        # --confidence) would silently reuse them.
+        for root in (self.raw, self.preprocessed, self.results):
+            for name in self.dataset_names:
+                if (root / name).exists():
+                    raise InputError(
+                        root / name,
+                        f"left by an earlier run whose work folder ({self.work_dir}) has no state.json: delete "
+                        f"{name} from nnU-Net's raw, preprocessed and results folders, or choose another --first_id",
+                    )
 
     def _check_plans(self) -> None:
         plans_file = self.preprocessed / self.source.name / f"{self.settings.plans}.json"
