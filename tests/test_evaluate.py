@@ -287,3 +287,29 @@ def test_cli_refuses_a_wrong_output_name_before_scoring_and_overwrites_nothing(t
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("samflare evaluate: error: ")
     assert prediction.read_bytes() == before and not (tmp_path / "m.json").exists()
+
+
+def test_cli_exit_code_is_out_of_memory_when_a_case_ran_out_of_it(toy, tmp_path, capsys, monkeypatch):
+    import nnunet_samflare.evaluation.evaluate as evaluate_module
+
+    ref, pred = toy
+    score = evaluate_module.evaluate_case_files
+
+    def scarce_memory(reference, prediction, *args, **kwargs):
+        if "B." in str(reference):
+            raise MemoryError("Unable to allocate 3.2 GiB for an array")
+        return score(reference, prediction, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_case_files", scarce_memory)
+    assert main(["evaluate", str(ref), str(pred), "-o", str(tmp_path / "m.json")]) == 3
+    summary = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))["summary"]
+    assert summary["failed_out_of_memory"] == ["B"] and set(summary["failed_cases"]) == {"B"}
+    assert "B: out of memory" in capsys.readouterr().err
+
+
+def test_malformed_partial_labels_are_bad_input(toy, tmp_path, capsys):
+    ref, pred = toy
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0}, "partial_labels": ["C"]}))
+    assert main(["evaluate", str(ref), str(pred), "-o", str(tmp_path / "m.json")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("dataset.json: partial_labels must map case ids to lists of label ids or names")

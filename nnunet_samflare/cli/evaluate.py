@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             "be scored",
             file=sys.stderr,
         )
-        from nnunet_samflare.errors import EXIT_BAD_INPUT
+        from nnunet_samflare.errors import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY
 
-        return EXIT_BAD_INPUT
+        return EXIT_OUT_OF_MEMORY if result["summary"]["failed_out_of_memory"] else EXIT_BAD_INPUT
     return 0

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_samflare.errors import InputError, exit_code_for, one_line
+from nnunet_samflare.errors import InputError, exit_code_for, is_out_of_memory, one_line
 from nnunet_samflare.evaluation.metrics import (
     DECIMALS,
     DEFAULT_NSD_CUTOFF,
@@ -138,6 +138,8 @@ def load_partial_labels(dataset_json: Path | None) -> dict[str, list[int]]:
     except json.JSONDecodeError as e:
         raise InputError(dataset_json, f"not valid JSON ({e})") from e
     partial = dataset.get("partial_labels") or {}
+    if not isinstance(partial, dict) or not all(isinstance(v, list) for v in partial.values()):
+        raise InputError(dataset_json, "partial_labels must map case ids to lists of label ids or names")
     names = {str(k): v for k, v in (dataset.get("labels") or {}).items()}
     result: dict[str, list[int]] = {}
     for case, entries in partial.items():
@@ -321,6 +323,7 @@ def evaluate_folders(
     }
     # Cases that could not be scored (a bad reference or prediction file): left out of every mean, listed here.
     summary["failed_cases"] = {case: one_line(error) for case, error in failures.items()}
+    summary["failed_out_of_memory"] = sorted(case for case, error in failures.items() if is_out_of_memory(error))
     result = {"cases": cases, "reference_labels": reference_labels, "summary": summary}
     if output_file is not None:
         write_json_atomic(result, output_file)
