@@ -347,6 +347,18 @@ def test_bad_weights_and_flags_fail_before_writing(scan, weights, tmp_path, caps
             ],
             "drop -d",
         ),
+        (
+            base
+            + [
+                "--reference_pipeline",
+                "--fast",
+                "--locator_weights",
+                str(weights["locator"]),
+                "--segmenter_weights",
+                str(weights["segmenter"]),
+            ],
+            "drop --fast",
+        ),
         (base + ["--locator_weights", str(weights["locator"])], "are for --reference_pipeline"),
     ]
     for argv, needle in cases:

@@ -11,7 +11,7 @@ from nnunet_samflare.errors import InputError
 # --continue_prediction/--stats/--preview and --num_parts/--part_id do apply).
 _CASCADE_ONLY = (
     "dataset", "plans", "locator_trainer", "segmenter_trainer", "locator", "segmenter", "folds", "checkpoint",
-    "step_size", "tta", "gaussian", "margin_mm", "tile_batch", "save_probabilities", "no_postprocessing",
+    "step_size", "tta", "gaussian", "margin_mm", "tile_batch", "fast", "save_probabilities", "no_postprocessing",
 )  # fmt: skip
 
 
