@@ -392,3 +392,23 @@ def test_the_python_api_refuses_a_folder_as_the_output_of_an_in_memory_image(mod
     monkeypatch.setattr(api, "build_predictor", never)
     with pytest.raises(InputError, match="an in-memory image is written to one file ending with .nii.gz"):
         api.predict(scan(), tmp_path / "out_folder", locator=models[0], segmenter=models[1], device="cpu")
+
+
+def test_the_sliding_window_settings_are_the_segmenters_and_the_locator_keeps_plain_ones(models):
+    # samflare locate has no such flags: the composed path (locate, nnUNetv2_predict, uncrop) finds the same box
+    # as samflare predict --gaussian only if predict's locator ignores them too
+    from nnunet_samflare.inference.cascade import CascadePredictor
+
+    cascade = CascadePredictor(
+        models[0], models[1], device="cpu", tile_step_size=0.7, use_gaussian=True, use_mirroring=True
+    )
+    assert (cascade.segmenter.tile_step_size, cascade.segmenter.use_gaussian, cascade.segmenter.use_mirroring) == (
+        0.7,
+        True,
+        True,
+    )
+    assert (cascade.locator.tile_step_size, cascade.locator.use_gaussian, cascade.locator.use_mirroring) == (
+        0.5,
+        False,
+        False,
+    )

@@ -301,7 +301,8 @@ class CascadePredictor:
     """Locator + segmenter, loaded once, applied to any number of cases.
 
     Defaults follow docs/method.md §11.5: no mirroring TTA, tile step 0.5, uniform tile blending, mixed precision on
-    CUDA (nnU-Net's). ``use_mirroring`` and ``use_gaussian`` switch on nnU-Net's TTA and Gaussian blending.
+    CUDA (nnU-Net's). ``use_mirroring`` and ``use_gaussian`` switch on nnU-Net's TTA and Gaussian blending, and
+    ``tile_step_size`` sets the step, for the segmenter: the locator always runs with nnU-Net's plain settings.
     ``tile_batch_size`` segmenter tiles go through the network at once (default: 2 on CUDA, 1 elsewhere, where
     batching gains nothing and 1 keeps results bit-identical to stock nnUNetv2_predict). ``fast_layers`` evaluates
     the segmenter's grouped 1×1×1 convolutions as matrix products (the same function, ``networks.fast_paths``);
@@ -338,20 +339,20 @@ class CascadePredictor:
         cpu_bf16: bool = False,
     ):
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        settings = dict(
-            checkpoint_name=checkpoint_name,
-            device=self.device,
-            tile_step_size=tile_step_size,
-            use_gaussian=use_gaussian,
-            use_mirroring=use_mirroring,
-            fast_layers=fast_layers,
-        )
+        settings = dict(checkpoint_name=checkpoint_name, device=self.device, fast_layers=fast_layers)
         if tile_batch_size is None:
             tile_batch_size = 2 if self.device.type == "cuda" else 1
-        self.locator = load_predictor(locator_folder, folds, **settings)
+        # The sliding-window settings are the segmenter's. The locator keeps nnU-Net's plain ones whatever they are,
+        # so that its box is the same as `samflare locate` finds (which has no such flags) for the composed path.
+        self.locator = load_predictor(
+            locator_folder, folds, tile_step_size=0.5, use_gaussian=False, use_mirroring=False, **settings
+        )
         self.segmenter = load_predictor(
             segmenter_folder,
             folds,
+            tile_step_size=tile_step_size,
+            use_gaussian=use_gaussian,
+            use_mirroring=use_mirroring,
             tile_batch_size=tile_batch_size,
             channels_last=channels_last,
             cpu_bf16=cpu_bf16,
