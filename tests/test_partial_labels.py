@@ -161,3 +161,11 @@ def test_partial_trainer_has_nnunets_training_lengths_found_by_stock_lookup():
     assert found == [
         [name, "nnunet_samflare.training.partial_labels", str(n)] for name, n in zip(names, TRAINING_LENGTHS)
     ]
+
+
+def test_debug_trainers_skip_the_whole_cascade_validation_alike():
+    from nnunet_samflare.training.partial_labels import nnUNetTrainer_SAMFlareSegmenterPartialDebug
+    from nnunet_samflare.training.trainers import nnUNetTrainer_SAMFlareSegmenterDebug
+
+    assert nnUNetTrainer_SAMFlareSegmenterDebug.cascade_validation is False
+    assert nnUNetTrainer_SAMFlareSegmenterPartialDebug.cascade_validation is False

@@ -283,7 +283,8 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
 
 
 class nnUNetTrainer_SAMFlareSegmenterPartialDebug(_SmokeTestLength, nnUNetTrainer_SAMFlareSegmenterPartial):
-    pass
+    # As nnUNetTrainer_SAMFlareSegmenterDebug: an untrained locator boxes the whole scan.
+    cascade_validation = False
 
 
 # nnU-Net's training lengths (``nnUNetTrainer_SAMFlareSegmenterPartial_<N>epochs``), as for the other segmenters;
