@@ -173,3 +173,40 @@ def test_whole_cascade_validation(trained_models, tmp_path, monkeypatch):
     # without a locator for the fold it says so and writes nothing
     monkeypatch.setenv(VALIDATION_LOCATOR_ENV, str(tmp_path / "nowhere"))
     assert validate_through_cascade(trainer, ["TSEX_0002"], str(gt_folder), ())["status"].startswith("not run")
+
+
+def test_partial_cases_are_scored_on_the_labels_they_annotate(tmp_path):
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, load_summary_json
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    from nnunet_samflare.training.roi_validation import score_annotated_labels_only
+
+    truth = np.zeros((6, 6, 6), dtype=np.uint8)
+    truth[:, :, :3] = 1  # liver
+    truth[:2, :2, 4:] = 2  # right kidney
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for folder in (gt, pred):
+        folder.mkdir()
+    liver_only = np.where(truth == 2, 0, truth)  # A annotates the liver only: its kidney is background there
+    for case, reference in (("A", liver_only), ("B", truth)):
+        sitk.WriteImage(sitk.GetImageFromArray(reference), str(gt / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(truth), str(pred / f"{case}.nii.gz"))  # both predicted perfectly
+    summary_file = tmp_path / "summary.json"
+    metrics = compute_metrics_on_folder(
+        str(gt), str(pred), str(summary_file), SimpleITKIO(), ".nii.gz", [1, 2], None, num_processes=1
+    )
+    assert metrics["mean"][2]["Dice"] == pytest.approx(0.5)  # nnU-Net: A's correct kidney is all false positives
+    trainer = SimpleNamespace(annotated_labels={"A": frozenset({1})}, dataset_json={"file_ending": ".nii.gz"})
+
+    rescored = score_annotated_labels_only(trainer, summary_file, metrics)
+
+    assert rescored["mean"][1]["Dice"] == 1.0 and rescored["mean"][2]["Dice"] == 1.0
+    assert rescored["foreground_mean"]["Dice"] == 1.0
+    written = load_summary_json(str(summary_file))
+    assert written["mean"][2]["Dice"] == 1.0 and np.isnan(written["metric_per_case"][0]["metrics"][2]["Dice"])
+    # a trainer without partial cases: untouched
+    assert score_annotated_labels_only(
+        SimpleNamespace(dataset_json={"file_ending": ".nii.gz"}),
+        summary_file,
+        {"metric_per_case": [], "mean": {}, "foreground_mean": {}},
+    ) == {"metric_per_case": [], "mean": {}, "foreground_mean": {}}

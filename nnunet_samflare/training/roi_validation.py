@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from time import sleep
@@ -169,6 +170,7 @@ def validate_segmenter_in_roi(trainer: nnUNetTrainer, save_probabilities: bool =
             chill=True,
             num_processes=default_num_processes,
         )
+        metrics = score_annotated_labels_only(trainer, summary_file, metrics)
         if cascade_validation_enabled(trainer.cascade_validation):
             cascade = validate_through_cascade(trainer, all_val_keys, gt_folder, metric_args)
         else:
@@ -301,6 +303,7 @@ def validate_through_cascade(
     metrics = compute_metrics_on_folder(
         gt_folder, str(output), str(summary_file), *metric_args, chill=True, num_processes=1
     )
+    metrics = score_annotated_labels_only(trainer, summary_file, metrics)
     recall = {}
     for key in val_keys:
         stats = json.loads((output / f"{key}_stats.json").read_text(encoding="utf-8"))
@@ -318,6 +321,38 @@ def validate_through_cascade(
     }
     _add_summary_entry(summary_file, entry)
     return {**entry, "summary": CASCADE_SUMMARY_NAME, "mean_dice": metrics["foreground_mean"]["Dice"]}
+
+
+def score_annotated_labels_only(trainer: nnUNetTrainer, summary_file: Path, metrics: dict) -> dict:
+    """nnU-Net's ``summary.json`` (``metrics``, as ``compute_metrics_on_folder`` returns it) rescored for a trainer
+    with partially labelled cases (``annotated_labels``, the partial-label trainer's): in such a case a label it
+    does not annotate is background in its label map, so a correct prediction of it would be all false positives.
+    Its metrics become NaN there and the per-label means leave them out, as ``samflare evaluate`` scores partial
+    references. Other trainers' summaries are returned untouched."""
+    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+
+    annotated = getattr(trainer, "annotated_labels", None) or {}
+    ending = trainer.dataset_json["file_ending"]
+    rescored = False
+    for row in metrics["metric_per_case"]:
+        labels = annotated.get(Path(row["reference_file"]).name[: -len(ending)])
+        for label, values in row["metrics"].items():
+            if labels is not None and label not in labels:
+                row["metrics"][label] = dict.fromkeys(values, float("nan"))
+                rescored = True
+    if not rescored:
+        return metrics
+    rows = [row["metrics"] for row in metrics["metric_per_case"]]
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a label that no case annotates: NaN, as nnU-Net gives
+        for label, means in metrics["mean"].items():
+            metrics["mean"][label] = {m: float(np.nanmean([row[label][m] for row in rows])) for m in means}
+        metrics["foreground_mean"] = {
+            m: float(np.mean([means[m] for label, means in metrics["mean"].items() if label != 0]))
+            for m in metrics["foreground_mean"]
+        }
+    save_summary_json(metrics, str(summary_file))
+    return metrics
 
 
 def _read_label_map(path: Path) -> np.ndarray:
