@@ -334,30 +334,21 @@ def test_bad_weights_and_flags_fail_before_writing(scan, weights, tmp_path, caps
             f"{weights['locator']}: not the authors' segmenter",
         ),
         (base + ["--reference_pipeline", "--locator_weights", str(weights["locator"])], "--segmenter_weights"),
-        (
-            base
-            + [
-                "--reference_pipeline",
-                "-d",
-                "501",
-                "--locator_weights",
-                str(weights["locator"]),
-                "--segmenter_weights",
-                str(weights["segmenter"]),
-            ],
-            "drop -d",
-        ),
-        (
-            base
-            + [
-                "--reference_pipeline",
-                "--fast",
-                "--locator_weights",
-                str(weights["locator"]),
-                "--segmenter_weights",
-                str(weights["segmenter"]),
-            ],
-            "drop --fast",
+        # a flag of the nnU-Net cascade, which the fixed pipeline would ignore
+        *(
+            (
+                base
+                + [
+                    "--reference_pipeline",
+                    *flag,
+                    "--locator_weights",
+                    str(weights["locator"]),
+                    "--segmenter_weights",
+                    str(weights["segmenter"]),
+                ],
+                f"drop {flag[0]}",
+            )
+            for flag in (["-d", "501"], ["--fast"])
         ),
         (base + ["--locator_weights", str(weights["locator"])], "are for --reference_pipeline"),
     ]
