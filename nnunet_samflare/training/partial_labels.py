@@ -257,6 +257,8 @@ class nnUNetTrainer_SAMFlareSegmenterPartial(nnUNetTrainer_SAMFlareSegmenter):
     def validation_step(self, batch: dict) -> dict:
         annotated = self.annotation_mask(batch["keys"])
         self._marginal_loss.annotated = annotated
+        if annotated.all():
+            return super().validation_step(batch)
         # nnU-Net's online pseudo Dice (which picks checkpoint_best) counts every voxel predicted as class c against
         # the label map; where a case does not annotate c, its c voxels are background there, so a correct c would
         # count as a false positive. Take those voxels out: c counts only in the cases that annotate it.
